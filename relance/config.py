@@ -1,0 +1,117 @@
+"""config.yaml: the workspace's runtime settings, validated with pydantic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from relance.errors import ConfigError
+from relance.events import Channel
+from relance.yamlpos import line_of, read_yaml
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Mailbox(_Model):
+    email: str
+    name: str
+    signature: str = ""
+    daily_limit: int = Field(default=200, ge=1)
+    hourly_limit: int | None = Field(default=None, ge=1)
+
+
+class ConnectorChoice(_Model):
+    use: str = "sandbox"
+    settings: dict[str, Any] = {}
+
+
+class Limits(_Model):
+    """Capacity per sender identity; a touch over a limit waits for the next opening."""
+
+    linkedin_per_day: dict[str, int] = {"visit": 80, "invite": 20, "message": 50}
+    linkedin_invites_per_week: int = 100
+    calls_per_day: int = 80
+    emails_per_domain_per_day: int = 30
+
+
+class Company(_Model):
+    """The sender identity every email carries (CNIL: who writes, and how to object)."""
+
+    name: str
+    address: str
+    website: str = ""
+
+
+class Web(_Model):
+    base_url: str = "http://127.0.0.1:8000"
+    secret_env: str = "RELANCE_SECRET"
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+class Dispatch(_Model):
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    lease_seconds: int = Field(default=300, ge=10)
+    max_attempts: int = Field(default=5, ge=1)
+
+
+class Schedules(_Model):
+    dispatch_cron: str = "* * * * *"
+    ingest_cron: str = "*/5 * * * *"
+    report_cron: str = "0 7 * * *"
+
+
+class Config(_Model):
+    database: str | None = None
+    timezone: str = "Europe/Paris"
+    country: str = "FR"
+    sequences_dir: str = "sequences"
+    templates_dir: str = "templates"
+    company: Company
+    senders: dict[str, list[Mailbox]] = {}
+    connectors: dict[Channel, ConnectorChoice] = {
+        Channel.email: ConnectorChoice(),
+        Channel.linkedin: ConnectorChoice(),
+        Channel.call: ConnectorChoice(),
+    }
+    limits: Limits = Limits()
+    web: Web = Web()
+    dispatch: Dispatch = Dispatch()
+    schedules: Schedules = Schedules()
+    retention_days: int = Field(default=1095, ge=1)
+
+    @field_validator("senders")
+    @classmethod
+    def _pools_not_empty(cls, value: dict[str, list[Mailbox]]) -> dict[str, list[Mailbox]]:
+        for pool, boxes in value.items():
+            if not boxes:
+                raise ValueError(f"sender pool {pool!r} has no mailbox")
+        return value
+
+    def mailbox(self, address: str) -> Mailbox | None:
+        for boxes in self.senders.values():
+            for box in boxes:
+                if box.email == address:
+                    return box
+        return None
+
+
+def load_config(path: Path) -> Config:
+    if not path.exists():
+        raise ConfigError("no config.yaml here: run `relance init` to create a workspace", file=str(path))
+    data, lines = read_yaml(path)
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        raise ConfigError(
+            err["msg"].removeprefix("Value error, "),
+            file=str(path),
+            line=line_of(lines, loc),
+            key=".".join(str(p) for p in loc),
+        ) from None

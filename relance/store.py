@@ -1,0 +1,263 @@
+"""The store: SQLAlchemy 2 Core tables, one schema for SQLite and PostgreSQL.
+
+Core rather than the ORM: dispatch moves rows in batches of hundreds, and the due query,
+the claim and the report are single statements. Alembic owns the schema (`migrate`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER PRIMARY KEY only
+
+
+class UTCDateTime(TypeDecorator):
+    """Aware UTC datetimes in Python, naive UTC in the database, on both backends."""
+
+    impl = DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store: pass an aware UTC datetime")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+prospects = Table(
+    "prospects",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("email", String(320), unique=True),
+    Column("first_name", String(200)),
+    Column("last_name", String(200)),
+    Column("company", String(300)),
+    Column("account_key", String(300), index=True),  # the company's domain, else its normalised name
+    Column("title", String(300)),
+    Column("phone", String(32)),  # E.164
+    Column("linkedin_url", String(500), unique=True),
+    Column("timezone", String(64)),
+    Column("country", String(2)),
+    Column("language", String(8)),
+    Column("attributes", JSON, nullable=False, default=dict),
+    Column("source", String(300)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("erased_at", UTCDateTime),
+)
+
+enrollments = Table(
+    "enrollments",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("prospect_id", ForeignKey("prospects.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("sequence", String(100), nullable=False),
+    Column("exclusive", Integer, nullable=False, default=1),
+    # active: has a next step; paused: waits for a person; completed/exited: done for good
+    Column("state", String(16), nullable=False),
+    Column("next_step_id", String(100)),
+    Column("next_due_at", UTCDateTime),
+    Column("sender", String(320)),  # sticky: every touch of this enrollment goes from here
+    Column("reason", Text),  # why it paused or exited
+    Column("attempts", Integer, nullable=False, default=0),  # transient failures of the next step
+    Column("lease_owner", String(100)),
+    Column("lease_expires_at", UTCDateTime),
+    Column("enrolled_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    UniqueConstraint("prospect_id", "sequence"),
+    # The due query reads only active rows, in due order: its cost is O(due), not O(enrollments).
+    Index(
+        "ix_enrollments_due",
+        "next_due_at",
+        sqlite_where=text("state = 'active'"),
+        postgresql_where=text("state = 'active'"),
+    ),
+)
+
+touches = Table(
+    "touches",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("enrollment_id", ForeignKey("enrollments.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("prospect_id", BigInteger().with_variant(Integer(), "sqlite"), nullable=False),
+    Column("sequence", String(100), nullable=False),
+    Column("step_id", String(100), nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("idempotency_key", String(200), nullable=False, unique=True),
+    # sending -> sent | failed | unknown (crash mid-send: reconcile, never resend); skipped; task
+    Column("status", String(16), nullable=False),
+    Column("spec_version", String(32), nullable=False),
+    Column("variant", String(50)),
+    Column("sender", String(320)),
+    Column("recipient", String(500)),
+    Column("subject", Text),
+    Column("content_hash", String(64)),
+    Column("message_id", String(500), index=True),  # RFC 5322 Message-ID of an email
+    Column("provider_message_id", String(500), index=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("error", Text),
+    Column("lease_owner", String(100)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("sent_at", UTCDateTime),
+    Index("ix_touches_sender_created", "sender", "created_at"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("occurred_at", UTCDateTime, nullable=False),
+    Column("recorded_at", UTCDateTime, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("channel", String(16)),
+    Column("detail", String(200)),  # e.g. hard/soft for a bounce
+    Column("prospect_id", BigInteger().with_variant(Integer(), "sqlite"), index=True),
+    Column("enrollment_id", BigInteger().with_variant(Integer(), "sqlite"), index=True),
+    Column("touch_id", BigInteger().with_variant(Integer(), "sqlite"), index=True),
+    # Denormalised so reports group without joins.
+    Column("sequence", String(100)),
+    Column("step_id", String(100)),
+    Column("variant", String(50)),
+    Column("sender", String(320)),
+    Column("payload", JSON, nullable=False, default=dict),
+    Column("dedupe_key", String(300), nullable=False, unique=True),
+    Index("ix_events_sequence_kind", "sequence", "kind"),
+    Index("ix_events_occurred", "occurred_at"),
+)
+
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),  # email, domain, phone, linkedin
+    Column("value", String(500), nullable=False),
+    Column("reason", String(200), nullable=False),
+    Column("source", String(300)),
+    Column("created_at", UTCDateTime, nullable=False),
+    UniqueConstraint("kind", "value"),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("touch_id", ForeignKey("touches.id", ondelete="CASCADE"), unique=True),
+    Column("enrollment_id", ForeignKey("enrollments.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("prospect_id", BigInteger().with_variant(Integer(), "sqlite"), nullable=False),
+    Column("owner", String(320)),
+    Column("channel", String(16), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("title", Text, nullable=False),
+    Column("body", Text),
+    Column("status", String(16), nullable=False),  # open, done, skipped
+    Column("outcome", String(32)),
+    Column("note", Text),
+    Column("due_at", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("done_at", UTCDateTime),
+    Index("ix_tasks_open", "status", "owner", "due_at"),
+)
+
+DEFAULT_URL = "sqlite:///relance.db"
+
+
+def database_url(configured: str | None = None, workspace: Path | None = None) -> str:
+    """RELANCE_DATABASE_URL wins over config.yaml; relative SQLite paths are the workspace's."""
+    url = os.environ.get("RELANCE_DATABASE_URL") or configured or DEFAULT_URL
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and workspace is not None:
+        relative = url.removeprefix("sqlite:///")
+        if relative and relative != ":memory:":
+            url = f"sqlite:///{(workspace / relative).resolve()}"
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+class Store:
+    """A database handle: the engine plus the dialect facts the engine needs."""
+
+    def __init__(self, url: str, *, migrate: bool = True):
+        self.url = url
+        self.engine = make_engine(url)
+        self.is_postgres = self.engine.dialect.name == "postgresql"
+        if migrate:
+            self.migrate()
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (creates the database on first use)."""
+        from relance.migrate import upgrade
+
+        upgrade(self.engine)
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
