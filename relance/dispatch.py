@@ -1,0 +1,725 @@
+"""Dispatch: claim due enrollments, decide each one's touch, send by channel, record.
+
+The three phases are separate calls so the Prefect flow can run one task per batch and
+channel, and so that a touch row exists in state `sending` *before* the provider is called:
+after a crash such a touch is reconciled, never resent blindly.
+
+    claim   -> lease a batch of due enrollments (FOR UPDATE SKIP LOCKED on PostgreSQL)
+    prepare -> re-check exits, suppression, window, capacity; render; write touches
+    deliver -> one connector call per channel, then record outcomes and advance
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence as Seq
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
+
+from relance.channels import Capability, OutboundTouch, Sender, SendResult
+from relance.conditions import evaluate
+from relance.email_message import make_message_id
+from relance.enrollment import PROSPECT_COLUMNS
+from relance.errors import ConfigError, RelanceError, RenderError, TerminalError, TransientError
+from relance.events import Channel, EventKind
+from relance.planning import calendar_for, due_at, following, pick_variant, step_after, touch_context
+from relance.rendering import LINKEDIN_NOTE_LIMIT
+from relance.rules import exit_kinds, finish_enrollments
+from relance.spec import Sequence, Step
+from relance.store import enrollments, events, prospects, tasks, touches
+from relance.suppression import suppressed_ids
+from relance.tokens import UnsubscribeTokens, workspace_secret
+from relance.workspace import Workspace
+
+# The event a performed touch records, by channel and action.
+PERFORMED = {
+    ("email", "send"): EventKind.sent,
+    ("linkedin", "visit"): EventKind.visited,
+    ("linkedin", "invite"): EventKind.invited,
+    ("linkedin", "message"): EventKind.messaged,
+    ("call", "call"): EventKind.sent,
+}
+COUNTED_STATUSES = ("sending", "sent", "unknown", "task")
+DONE_STATUSES = ("sent", "skipped", "task")
+TOUCH_DEFAULTS = dict.fromkeys(
+    ("variant", "sender", "recipient", "subject", "content_hash", "message_id", "provider_message_id", "error", "lease_owner", "sent_at")
+)
+RETRYABLE_STATUSES = ("retry", "failed")
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class DispatchSummary:
+    claimed: int = 0
+    sent: Counter[str] = field(default_factory=Counter)  # per channel
+    failed: Counter[str] = field(default_factory=Counter)
+    retried: Counter[str] = field(default_factory=Counter)
+    tasks: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0
+    deferred: int = 0
+    paused: int = 0
+    exited: int = 0
+    completed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def merge(self, other: "DispatchSummary") -> None:
+        self.claimed += other.claimed
+        for name in ("sent", "failed", "retried", "tasks"):
+            getattr(self, name).update(getattr(other, name))
+        for name in ("skipped", "deferred", "paused", "exited", "completed"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.errors.extend(other.errors)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "claimed": self.claimed,
+            "sent": dict(self.sent),
+            "failed": dict(self.failed),
+            "retried": dict(self.retried),
+            "tasks": dict(self.tasks),
+            "skipped": self.skipped,
+            "deferred": self.deferred,
+            "paused": self.paused,
+            "exited": self.exited,
+            "completed": self.completed,
+            "errors": self.errors[:50],
+        }
+
+
+@dataclass
+class Batch:
+    """What prepare decided: touches to send per channel, plus the bookkeeping it already did."""
+
+    outbound: dict[Channel, list[OutboundTouch]] = field(default_factory=dict)
+    summary: DispatchSummary = field(default_factory=DispatchSummary)
+
+
+class Dispatcher:
+    def __init__(self, ws: Workspace, owner: str | None = None):
+        self.ws = ws
+        self.store = ws.store
+        self.owner = owner or worker_id()
+        self.lease = timedelta(seconds=ws.config.dispatch.lease_seconds)
+        self.batch_size = ws.config.dispatch.batch_size
+        self.tokens = UnsubscribeTokens(workspace_secret(ws.root, ws.config.web.secret_env))
+
+    # ---------------------------------------------------------------- claim
+    def claim(self, now: datetime, limit: int | None = None) -> list[int]:
+        """Lease up to `limit` due enrollments; two workers never hold the same one."""
+        limit = limit or self.batch_size
+        due = (
+            select(enrollments.c.id)
+            .where(
+                enrollments.c.state == "active",
+                enrollments.c.next_due_at <= now,
+                or_(enrollments.c.lease_expires_at.is_(None), enrollments.c.lease_expires_at < now),
+            )
+            .order_by(enrollments.c.next_due_at)
+            .limit(limit)
+        )
+        if self.store.is_postgres:
+            due = due.with_for_update(skip_locked=True)
+        stmt = (
+            update(enrollments)
+            .where(enrollments.c.id.in_(due.scalar_subquery()))
+            .values(lease_owner=self.owner, lease_expires_at=now + self.lease)
+            .returning(enrollments.c.id)
+        )
+        with self.store.begin() as conn:
+            return sorted(conn.scalars(stmt))
+
+    # -------------------------------------------------------------- prepare
+    def prepare(self, enrollment_ids: Seq[int], now: datetime) -> Batch:
+        batch = Batch()
+        batch.summary.claimed = len(enrollment_ids)
+        if not enrollment_ids:
+            return batch
+        with self.store.begin() as conn:
+            _Preparer(self, conn, now, batch).run(list(enrollment_ids))
+        return batch
+
+    # -------------------------------------------------------------- deliver
+    def deliver(self, channel: Channel, outbound: list[OutboundTouch], now: datetime) -> DispatchSummary:
+        """Send one channel's touches with one connector call, then record every outcome."""
+        connector = self.ws.connector(channel)
+        try:
+            results = connector.send_batch(outbound, now)
+        except TransientError as exc:
+            results = [SendResult(t.touch_id, error=exc) for t in outbound]
+        except TerminalError as exc:
+            results = [SendResult(t.touch_id, error=exc) for t in outbound]
+        by_id = {r.touch_id: r for r in results}
+        missing = [t for t in outbound if t.touch_id not in by_id]
+        for touch in missing:  # a connector that forgets a touch: its fate is unknown
+            by_id[touch.touch_id] = SendResult(touch.touch_id, error=_Unknown("connector returned no result"))
+        return self.record(channel, outbound, by_id, now)
+
+    def record(self, channel: Channel, outbound: list[OutboundTouch], results: Mapping[int, SendResult], now: datetime) -> DispatchSummary:
+        summary = DispatchSummary()
+        touch_updates: list[dict[str, Any]] = []
+        event_rows: list[dict[str, Any]] = []
+        advance: list[dict[str, Any]] = []
+        retry: list[dict[str, Any]] = []
+        pause: list[dict[str, Any]] = []
+        failures: list[tuple[OutboundTouch, str]] = []
+        max_attempts = self.ws.config.dispatch.max_attempts
+        for touch in outbound:
+            meta = touch.metadata
+            result = results[touch.touch_id]
+            attempts = meta["attempts"] + 1
+            if result.error is None:
+                summary.sent[channel.value] += 1
+                touch_updates.append(_touch_update(touch, "sent", attempts, None, result.provider_message_id, now))
+                event_rows.append(_event_row(touch, PERFORMED[(channel.value, touch.action)], now, f"touch:{touch.idempotency_key}:performed"))
+                advance.append({"e_id": meta["enrollment_id"], "step": meta["next_step_id"], "due": meta["next_due_at"], "now": now})
+            elif isinstance(result.error, TransientError) and attempts < max_attempts:
+                summary.retried[channel.value] += 1
+                touch_updates.append(_touch_update(touch, "retry", attempts, str(result.error), None, now))
+                delay = max(result.error.retry_after or 0.0, 60.0 * 2 ** (attempts - 1))
+                retry.append({"e_id": meta["enrollment_id"], "due": now + timedelta(seconds=min(delay, 6 * 3600)), "now": now})
+            elif isinstance(result.error, _Unknown):
+                summary.failed[channel.value] += 1
+                touch_updates.append(_touch_update(touch, "unknown", attempts, str(result.error), None, now))
+                pause.append({"e_id": meta["enrollment_id"], "reason": f"send outcome unknown: {result.error}", "now": now})
+            else:
+                summary.failed[channel.value] += 1
+                reason = f"{type(result.error).__name__}: {result.error}"
+                touch_updates.append(_touch_update(touch, "failed", attempts, reason, None, now))
+                failures.append((touch, reason))
+        with self.store.begin() as conn:
+            if touch_updates:
+                conn.execute(
+                    update(touches)
+                    .where(touches.c.id == bindparam("t_id"))
+                    .values(
+                        status=bindparam("status"),
+                        attempts=bindparam("attempts"),
+                        error=bindparam("error"),
+                        provider_message_id=bindparam("provider_message_id"),
+                        sent_at=bindparam("sent_at"),
+                        lease_owner=None,
+                    ),
+                    touch_updates,
+                )
+            if event_rows:
+                conn.execute(insert(events), event_rows)
+            # Only an enrollment still active advances: a reply ingested meanwhile has ended it.
+            if advance:
+                conn.execute(
+                    update(enrollments)
+                    .where(enrollments.c.id == bindparam("e_id"), enrollments.c.state == "active")
+                    .values(
+                        next_step_id=bindparam("step"),
+                        next_due_at=bindparam("due"),
+                        attempts=0,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        updated_at=bindparam("now"),
+                    ),
+                    advance,
+                )
+                done = [a["e_id"] for a in advance if a["step"] is None]
+                if done:
+                    summary.completed += len(done)
+                    finish_enrollments(conn, self.ws, done, "completed", "all steps done", now)
+            if retry:
+                conn.execute(
+                    update(enrollments)
+                    .where(enrollments.c.id == bindparam("e_id"), enrollments.c.state == "active")
+                    .values(
+                        next_due_at=bindparam("due"),
+                        attempts=enrollments.c.attempts + 1,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        updated_at=bindparam("now"),
+                    ),
+                    retry,
+                )
+            for touch, reason in failures:
+                conn.execute(insert(events), [_event_row(touch, EventKind.failed, now, f"touch:{touch.idempotency_key}:failed", detail=reason[:200])])
+                pause.append({"e_id": touch.metadata["enrollment_id"], "reason": f"step {touch.metadata['step_id']!r} failed: {reason}", "now": now})
+            if pause:
+                summary.paused += len(pause)
+                _pause(conn, pause)
+        for touch, reason in failures:
+            summary.errors.append(f"touch {touch.idempotency_key}: {reason}")
+        return summary
+
+    # ------------------------------------------------------------ reconcile
+    def reconcile(self, now: datetime) -> int:
+        """Touches left `sending` by a dead worker: resend only through an idempotent provider
+        (it dedupes on our key); otherwise flag them `unknown` and pause for a person."""
+        with self.store.begin() as conn:
+            stale = conn.execute(
+                select(touches.c.id, touches.c.channel, touches.c.enrollment_id)
+                .join(enrollments, enrollments.c.id == touches.c.enrollment_id)
+                .where(
+                    touches.c.status == "sending",
+                    or_(enrollments.c.lease_expires_at.is_(None), enrollments.c.lease_expires_at < now),
+                )
+            ).all()
+            retry_ids, unknown = [], []
+            for touch_id, channel, enrollment_id in stale:
+                caps = type(self.ws.connector(Channel(channel))).capabilities
+                (retry_ids if Capability.idempotent_send in caps else unknown).append((touch_id, enrollment_id))
+            if retry_ids:
+                conn.execute(update(touches).where(touches.c.id.in_([t for t, _ in retry_ids])).values(status="retry", error="resumed after a crash"))
+                conn.execute(
+                    update(enrollments)
+                    .where(enrollments.c.id.in_([e for _, e in retry_ids]))
+                    .values(lease_owner=None, lease_expires_at=None, next_due_at=now, updated_at=now)
+                )
+            if unknown:
+                conn.execute(update(touches).where(touches.c.id.in_([t for t, _ in unknown])).values(status="unknown", error="worker died during send"))
+                _pause(conn, [{"e_id": e, "reason": "send outcome unknown after a crash: check the provider, then resume", "now": now} for _, e in unknown])
+        return len(stale)
+
+    # ------------------------------------------------------------------ run
+    def run(self, now: datetime, max_batches: int | None = None) -> DispatchSummary:
+        """Everything due at `now`, batch after batch, without Prefect (tests, bench, preview)."""
+        total = DispatchSummary()
+        self.reconcile(now)
+        count = 0
+        while max_batches is None or count < max_batches:
+            ids = self.claim(now)
+            if not ids:
+                break
+            count += 1
+            batch = self.prepare(ids, now)
+            total.merge(batch.summary)
+            for channel, outbound in batch.outbound.items():
+                total.merge(self.deliver(channel, outbound, now))
+        return total
+
+
+class _Unknown(RelanceError):
+    """The connector did not say what happened to a touch."""
+
+
+def _touch_update(touch: OutboundTouch, status: str, attempts: int, error: str | None, provider_id: str | None, now: datetime) -> dict[str, Any]:
+    return {
+        "t_id": touch.touch_id,
+        "status": status,
+        "attempts": attempts,
+        "error": error,
+        "provider_message_id": provider_id,
+        "sent_at": now if status == "sent" else None,
+    }
+
+
+def _event_row(touch: OutboundTouch, kind: EventKind, now: datetime, dedupe: str, detail: str | None = None) -> dict[str, Any]:
+    meta = touch.metadata
+    return {
+        "occurred_at": now,
+        "recorded_at": now,
+        "kind": kind.value,
+        "channel": touch.channel.value,
+        "detail": detail,
+        "prospect_id": meta["prospect_id"],
+        "enrollment_id": meta["enrollment_id"],
+        "touch_id": touch.touch_id,
+        "sequence": meta["sequence"],
+        "step_id": meta["step_id"],
+        "variant": meta.get("variant"),
+        "sender": touch.sender.address,
+        "payload": {},
+        "dedupe_key": dedupe,
+    }
+
+
+def _pause(conn: Any, rows: list[dict[str, Any]]) -> None:
+    conn.execute(
+        update(enrollments)
+        .where(enrollments.c.id == bindparam("e_id"), enrollments.c.state == "active")
+        .values(state="paused", reason=bindparam("reason"), lease_owner=None, lease_expires_at=None, updated_at=bindparam("now")),
+        rows,
+    )
+
+
+class _Preparer:
+    """One batch's decisions, in one transaction."""
+
+    def __init__(self, dispatcher: Dispatcher, conn: Any, now: datetime, batch: Batch):
+        self.d = dispatcher
+        self.ws = dispatcher.ws
+        self.conn = conn
+        self.now = now
+        self.batch = batch
+        self.summary = batch.summary
+        self.new_touches: list[tuple[dict[str, Any], OutboundTouch | None, dict[str, Any] | None]] = []
+        self.enrollment_updates: list[dict[str, Any]] = []
+        self.pauses: list[dict[str, Any]] = []
+        self.finished: dict[str, list[int]] = defaultdict(list)  # kind -> enrollment ids
+        self.events: list[dict[str, Any]] = []
+
+    def run(self, ids: list[int]) -> None:
+        conn = self.conn
+        rows = conn.execute(
+            select(enrollments, *[c.label(f"p_{c.name}") for c in PROSPECT_COLUMNS])
+            .join(prospects, prospects.c.id == enrollments.c.prospect_id)
+            .where(enrollments.c.id.in_(ids), enrollments.c.lease_owner == self.d.owner, enrollments.c.state == "active")
+        ).all()
+        self.prospect_of = {r.id: {c.name: getattr(r, f"p_{c.name}") for c in PROSPECT_COLUMNS} for r in rows}
+        self.suppressed = suppressed_ids(conn, list(self.prospect_of.values()))
+        self.history: dict[int, list[Any]] = defaultdict(list)
+        for t in conn.execute(
+            select(touches.c.enrollment_id, touches.c.id, touches.c.step_id, touches.c.status, touches.c.message_id, touches.c.subject, touches.c.attempts).where(
+                touches.c.enrollment_id.in_(ids)
+            )
+        ):
+            self.history[t.enrollment_id].append(t)
+        self.seen: dict[int, list[tuple[str, str | None]]] = defaultdict(list)
+        for e in conn.execute(select(events.c.enrollment_id, events.c.kind, events.c.step_id).where(events.c.enrollment_id.in_(ids))):
+            self.seen[e.enrollment_id].append((e.kind, e.step_id))
+        self.capacity = _Capacity(self.ws, conn, self.now)
+        for row in rows:
+            try:
+                self.decide(row)
+            except ConfigError:
+                raise  # the workspace is broken, not this prospect: fail the run loudly
+            except RelanceError as exc:  # one prospect's problem never stops the batch
+                self.pause(row.id, str(exc))
+        self.flush()
+
+    # One enrollment -------------------------------------------------------
+    def decide(self, row: Any) -> None:
+        seq = self.ws.sequences.get(row.sequence)
+        if seq is None:
+            return self.pause(row.id, f"sequence {row.sequence!r} is no longer in the workspace")
+        prospect = self.prospect_of[row.id]
+        history = self.history[row.id]
+        done = [t.step_id for t in history if t.status in DONE_STATUSES]
+        step = step_after(seq, done, row.next_step_id)
+        if step is None:
+            return self.finish(row.id, "completed")
+        if any(t.step_id == step.id and t.status in DONE_STATUSES for t in history):  # ran already
+            return self.move(row.id, following(seq, step.id), prospect, seq)
+        if any(t.step_id == step.id and t.status == "unknown" for t in history):
+            return self.pause(row.id, f"step {step.id!r}: send outcome unknown, reconcile it before resuming")
+        kinds = exit_kinds(seq)
+        if any(kind in kinds for kind, _ in self.seen[row.id]):
+            return self.finish(row.id, next(k for k, _ in self.seen[row.id] if k in kinds))
+        if row.id in self.suppressed and step.channel != Channel.task:
+            return self.finish(row.id, "suppressed", reason=self.suppressed[row.id])
+        cal = calendar_for(seq.schedule, prospect, self.ws.config)
+        if not cal.is_open(self.now):
+            self.summary.deferred += 1
+            return self.reschedule(row.id, due_at(seq, None, prospect, self.ws.config, self.now))
+        if step.when and not evaluate(step.when, prospect, self.seen[row.id]):
+            return self.skip(row, seq, step, prospect, "condition not met")
+        recipient = _recipient(step, prospect)
+        if recipient is None:
+            return self.skip(row, seq, step, prospect, f"no {step.channel.value} contact for this prospect")
+        sender = self.sender_for(row, seq, step)
+        if sender is None:
+            return self.pause(row.id, f"sender {row.sender!r} is no longer in config.yaml: assign a mailbox, then resume")
+        manual = step.channel == Channel.task or Capability.manual in type(self.ws.connector(step.channel)).capabilities
+        if not self.capacity.take(sender.address, step):
+            self.summary.deferred += 1
+            later = self.capacity.retry_at(step)
+            return self.reschedule(row.id, due_at(seq, None, prospect, self.ws.config, later))
+        retry_touch = next((t for t in history if t.step_id == step.id and t.status in RETRYABLE_STATUSES), None)
+        self.touch(row, seq, step, prospect, recipient, sender, manual, retry_touch, history)
+
+    def sender_for(self, row: Any, seq: Sequence, step: Step) -> Sender | None:
+        if step.channel == Channel.email:
+            box = self.ws.config.mailbox(row.sender) if row.sender else None
+            return Sender(box.email, box.name, box.signature) if box else None
+        owner = seq.owner or row.sender or "unassigned"
+        box = self.ws.config.mailbox(owner)
+        return Sender(owner, box.name if box else owner, box.signature if box else "")
+
+    def touch(self, row, seq, step, prospect, recipient, sender, manual, retry_touch, history) -> None:
+        key = f"{row.id}:{step.id}"
+        variant = pick_variant(step.email.variants, seq.name, step.id, prospect["id"]) if step.email else None
+        template, subject_override = _templates(step, variant)
+        thread = _thread(step, history)
+        unsubscribe_url = f"{self.ws.config.web.base_url.rstrip('/')}/u/{self.d.tokens.make(prospect['id'], row.id)}"
+        sender_vars = {"name": sender.name, "email": sender.address, "signature": sender.signature}
+        context = touch_context(self.ws.config, seq, step, prospect, sender_vars, unsubscribe_url)
+        nxt = following(seq, step.id)
+        base = {
+            "enrollment_id": row.id,
+            "prospect_id": prospect["id"],
+            "sequence": seq.name,
+            "step_id": step.id,
+            "channel": step.channel.value,
+            "action": step.action,
+            "idempotency_key": key,
+            "spec_version": seq.version,
+            "variant": variant.id if variant else None,
+            "sender": sender.address,
+            "recipient": recipient,
+            "attempts": retry_touch.attempts if retry_touch else 0,
+            "created_at": self.now,
+        }
+        try:
+            rendered = self.ws.renderer.render(template, context, subject_override) if template else None
+            subject = rendered.subject if rendered else None
+            if step.email and thread is not None:
+                subject = subject or _re(thread.subject)
+            if step.email and not subject:
+                raise RenderError(f"{template}: the email has no subject")
+            if step.linkedin and step.action == "invite" and rendered and len(rendered.body.strip()) > LINKEDIN_NOTE_LIMIT:
+                raise RenderError(f"{template}: LinkedIn note is {len(rendered.body.strip())} characters, the limit is {LINKEDIN_NOTE_LIMIT}")
+        except RenderError as exc:
+            self.summary.failed[step.channel.value] += 1
+            self.summary.errors.append(f"enrollment {row.id} step {step.id}: {exc}")
+            values = dict(base, status="failed", error=str(exc), subject=None, content_hash=None, message_id=None, lease_owner=None)
+            if retry_touch is not None:
+                values["id"] = retry_touch.id
+            self.new_touches.append((values, None, None))
+            self.events.append(_raw_event(values, EventKind.failed, self.now, detail="render", dedupe=f"touch:{key}:render:{self.now.isoformat()}"))
+            return self.pause(row.id, f"step {step.id!r}: {exc}")
+        message_id = make_message_id(sender.address, key) if step.email else None
+        next_due = due_at(seq, nxt, prospect, self.ws.config, self.now) if nxt else None
+        values = dict(
+            base,
+            status="task" if manual else "sending",
+            subject=subject,
+            content_hash=rendered.content_hash if rendered else None,
+            message_id=message_id,
+            lease_owner=None if manual else self.d.owner,
+            error=None,
+        )
+        if retry_touch is not None:
+            values["id"] = retry_touch.id
+        outbound = OutboundTouch(
+            touch_id=retry_touch.id if retry_touch else 0,
+            idempotency_key=key,
+            channel=step.channel,
+            action=step.action,
+            recipient=recipient,
+            recipient_name=" ".join(p for p in (prospect.get("first_name"), prospect.get("last_name")) if p),
+            sender=sender,
+            subject=subject,
+            body=rendered.body if rendered else "",
+            message_id=message_id,
+            in_reply_to=thread.message_id if thread is not None else None,
+            references=(thread.message_id,) if thread is not None and thread.message_id else (),
+            unsubscribe_url=unsubscribe_url if step.email else None,
+            unsubscribe_mailto=f"mailto:{sender.address}?subject=unsubscribe" if step.email else None,
+            metadata={**base, "next_step_id": nxt.id if nxt else None, "next_due_at": next_due, "date": self.now},
+        )
+        task = None
+        if manual:
+            self.summary.tasks[step.channel.value] += 1
+            title = step.task.title if step.task else f"{step.action.capitalize()} {outbound.recipient_name or recipient} ({prospect.get('company') or ''})"
+            task = {
+                "enrollment_id": row.id,
+                "prospect_id": prospect["id"],
+                "owner": seq.owner,
+                "channel": step.channel.value,
+                "action": step.action,
+                "title": title,
+                "body": outbound.body,
+                "status": "open",
+                "due_at": self.now,
+                "created_at": self.now,
+            }
+            self.events.append(_raw_event(values, EventKind.queued, self.now, dedupe=f"touch:{key}:queued"))
+            self.move(row.id, nxt, prospect, seq)
+        self.new_touches.append((values, None if manual else outbound, task))
+
+    # Outcomes -----------------------------------------------------------------
+    def move(self, enrollment_id: int, nxt: Step | None, prospect: Mapping[str, Any], seq: Sequence) -> None:
+        if nxt is None:
+            return self.finish(enrollment_id, "completed")
+        self.enrollment_updates.append(
+            {"e_id": enrollment_id, "step": nxt.id, "due": due_at(seq, nxt, prospect, self.ws.config, self.now), "now": self.now}
+        )
+
+    def reschedule(self, enrollment_id: int, due: datetime) -> None:
+        self.enrollment_updates.append({"e_id": enrollment_id, "step": None, "due": due, "now": self.now, "keep_step": True})
+
+    def skip(self, row: Any, seq: Sequence, step: Step, prospect: Mapping[str, Any], reason: str) -> None:
+        self.summary.skipped += 1
+        values = {
+            "enrollment_id": row.id, "prospect_id": prospect["id"], "sequence": seq.name, "step_id": step.id,
+            "channel": step.channel.value, "action": step.action, "idempotency_key": f"{row.id}:{step.id}",
+            "status": "skipped", "spec_version": seq.version, "error": reason, "attempts": 0, "created_at": self.now,
+        }
+        self.new_touches.append((values, None, None))
+        self.move(row.id, following(seq, step.id), prospect, seq)
+
+    def pause(self, enrollment_id: int, reason: str) -> None:
+        self.summary.paused += 1
+        self.pauses.append({"e_id": enrollment_id, "reason": reason, "now": self.now})
+
+    def finish(self, enrollment_id: int, kind: str, reason: str | None = None) -> None:
+        if kind == "completed":
+            self.summary.completed += 1
+        else:
+            self.summary.exited += 1
+        self.finished[kind if reason is None else f"{kind}\x00{reason}"].append(enrollment_id)
+
+    # Writes -------------------------------------------------------------------
+    def flush(self) -> None:
+        conn = self.conn
+        fresh = [(v, o, t) for v, o, t in self.new_touches if "id" not in v]
+        again = [v for v, _, _ in self.new_touches if "id" in v]
+        if fresh:
+            rows = [{**TOUCH_DEFAULTS, **v} for v, _, _ in fresh]  # executemany wants one shape
+            ids = conn.execute(insert(touches).returning(touches.c.id, sort_by_parameter_order=True), rows).scalars().all()
+            for touch_id, (values, outbound, task) in zip(ids, fresh, strict=True):
+                values["id"] = touch_id
+                if outbound is not None:
+                    outbound.touch_id = touch_id
+                if task is not None:
+                    task["touch_id"] = touch_id
+        if again:  # a retried step reuses its touch row: the idempotency key stays the same
+            columns = ("status", "error", "subject", "content_hash", "message_id", "lease_owner", "spec_version", "variant", "sender", "recipient")
+            conn.execute(
+                update(touches).where(touches.c.id == bindparam("t_id")).values({c: bindparam(f"v_{c}") for c in columns}),
+                [{"t_id": v["id"], **{f"v_{c}": v.get(c) for c in columns}} for v in again],
+            )
+        task_rows = [t for _, _, t in self.new_touches if t is not None]
+        if task_rows:
+            conn.execute(insert(tasks), task_rows)
+        touch_ids = {v["idempotency_key"]: v["id"] for v, _, _ in self.new_touches}
+        for ev in self.events:
+            ev["touch_id"] = touch_ids.get(ev["_key"])
+        if self.events:
+            conn.execute(insert(events), [{k: v for k, v in ev.items() if k != "_key"} for ev in self.events])
+        moves = [u for u in self.enrollment_updates if not u.get("keep_step")]
+        waits = [u for u in self.enrollment_updates if u.get("keep_step")]
+        release = {"lease_owner": None, "lease_expires_at": None, "updated_at": bindparam("now")}
+        if moves:
+            conn.execute(
+                update(enrollments).where(enrollments.c.id == bindparam("e_id")).values(next_step_id=bindparam("step"), next_due_at=bindparam("due"), **release),
+                moves,
+            )
+        if waits:
+            conn.execute(update(enrollments).where(enrollments.c.id == bindparam("e_id")).values(next_due_at=bindparam("due"), **release), waits)
+        if self.pauses:
+            _pause(conn, self.pauses)
+        for key, ids in self.finished.items():
+            kind, _, reason = key.partition("\x00")
+            finish_enrollments(conn, self.ws, ids, kind, reason or kind, self.now)
+        for values, outbound, _ in self.new_touches:
+            if outbound is not None:
+                self.batch.outbound.setdefault(outbound.channel, []).append(outbound)
+
+
+class _Capacity:
+    """Rolling-window counts per sender identity, loaded once per batch and kept in memory."""
+
+    def __init__(self, ws: Workspace, conn: Any, now: datetime):
+        self.ws, self.now = ws, now
+        hour, day, week = now - timedelta(hours=1), now - timedelta(days=1), now - timedelta(days=7)
+        self.counts: Counter[tuple[str, str, str, str]] = Counter()
+        rows = conn.execute(
+            select(
+                touches.c.sender,
+                touches.c.channel,
+                touches.c.action,
+                func.sum(_case(touches.c.created_at >= hour)).label("h"),
+                func.sum(_case(touches.c.created_at >= day)).label("d"),
+                func.count().label("w"),
+            )
+            .where(touches.c.created_at >= week, touches.c.status.in_(COUNTED_STATUSES), touches.c.sender.is_not(None))
+            .group_by(touches.c.sender, touches.c.channel, touches.c.action)
+        )
+        for r in rows:
+            for period, value in (("hour", r.h), ("day", r.d), ("week", r.w)):
+                self.counts[(r.sender, r.channel, r.action, period)] = int(value or 0)
+
+    def limits(self, sender: str, step: Step) -> dict[str, int]:
+        cfg = self.ws.config
+        if step.channel == Channel.email:
+            box = cfg.mailbox(sender)
+            out = {"day": box.daily_limit} if box else {}
+            if box and box.hourly_limit:
+                out["hour"] = box.hourly_limit
+            return out
+        if step.channel == Channel.linkedin:
+            out = {}
+            if step.action in cfg.limits.linkedin_per_day:
+                out["day"] = cfg.limits.linkedin_per_day[step.action]
+            if step.action == "invite":
+                out["week"] = cfg.limits.linkedin_invites_per_week
+            return out
+        if step.channel == Channel.call:
+            return {"day": cfg.limits.calls_per_day}
+        return {}
+
+    def take(self, sender: str, step: Step) -> bool:
+        limits = self.limits(sender, step)
+        keys = {p: (sender, step.channel.value, step.action, p) for p in ("hour", "day", "week")}
+        if any(self.counts[keys[p]] >= limit for p, limit in limits.items()):
+            return False
+        for p in keys:
+            self.counts[keys[p]] += 1
+        return True
+
+    def retry_at(self, step: Step) -> datetime:
+        return self.now + (timedelta(hours=1) if step.channel == Channel.email else timedelta(hours=4))
+
+
+def _case(condition: Any) -> Any:
+    from sqlalchemy import case
+
+    return case((condition, 1), else_=0)
+
+
+def _recipient(step: Step, prospect: Mapping[str, Any]) -> str | None:
+    if step.channel == Channel.email:
+        return prospect.get("email")
+    if step.channel == Channel.linkedin:
+        return prospect.get("linkedin_url")
+    if step.channel == Channel.call:
+        return prospect.get("phone")
+    return prospect.get("email") or prospect.get("linkedin_url") or prospect.get("phone") or f"prospect {prospect['id']}"
+
+
+def _templates(step: Step, variant: Any) -> tuple[str | None, str | None]:
+    if step.email:
+        template = (variant.template if variant and variant.template else None) or step.email.template
+        subject = (variant.subject if variant and variant.subject else None) or step.email.subject
+        return template, subject
+    if step.linkedin:
+        return step.linkedin.template, None
+    if step.call:
+        return step.call.script, None
+    return (step.task.template if step.task else None), None
+
+
+def _thread(step: Step, history: list[Any]) -> Any:
+    if not (step.email and step.email.reply_to):
+        return None
+    return next((t for t in history if t.step_id == step.email.reply_to and t.status == "sent" and t.message_id), None)
+
+
+def _re(subject: str | None) -> str | None:
+    if not subject:
+        return None
+    return subject if subject.lower().startswith(("re:", "re :")) else f"Re: {subject}"
+
+
+def _raw_event(values: Mapping[str, Any], kind: EventKind, now: datetime, *, dedupe: str, detail: str | None = None) -> dict[str, Any]:
+    return {
+        "_key": values["idempotency_key"],
+        "occurred_at": now,
+        "recorded_at": now,
+        "kind": kind.value,
+        "channel": values["channel"],
+        "detail": detail,
+        "prospect_id": values["prospect_id"],
+        "enrollment_id": values["enrollment_id"],
+        "touch_id": None,
+        "sequence": values["sequence"],
+        "step_id": values["step_id"],
+        "variant": values.get("variant"),
+        "sender": values.get("sender"),
+        "payload": {},
+        "dedupe_key": dedupe,
+    }

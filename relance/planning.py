@@ -1,0 +1,116 @@
+"""Where an enrollment goes next: its calendar, its next step, its sender, its variant.
+
+Pure functions of the spec, the prospect and `now`, shared by enroll, dispatch and preview,
+so that `relance preview` shows exactly what dispatch will do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence as Seq
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from relance.calendar import BusinessCalendar, zone_for
+from relance.config import Config
+from relance.spec import Schedule, Sequence, Step, Variant, Window
+
+
+def stable_fraction(*parts: object) -> float:
+    """A number in [0, 1) that depends only on `parts`: the same across runs and machines."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+@lru_cache(maxsize=1)
+def _holiday_countries() -> frozenset[str]:
+    import holidays
+
+    return frozenset(holidays.list_supported_countries())
+
+
+@lru_cache(maxsize=4096)
+def _calendar(window: Window, zone_name: str, country: str | None) -> BusinessCalendar:
+    return BusinessCalendar(window, ZoneInfo(zone_name), country)
+
+
+def calendar_for(schedule: Schedule, prospect: Mapping[str, Any], config: Config) -> BusinessCalendar:
+    """The prospect's zone (else the config's) and the holiday country the schedule names."""
+    if schedule.timezone == "prospect":
+        zone = zone_for(prospect.get("timezone"), config.timezone).key
+    else:
+        zone = schedule.timezone
+    if schedule.holidays == "prospect":
+        # A country the holidays package does not know falls back to the workspace's, never to none.
+        country = (prospect.get("country") or "").upper()
+        country = country if country in _holiday_countries() else config.country
+    else:
+        country = schedule.holidays
+    return _calendar(schedule.window, zone, country)
+
+
+def due_at(seq: Sequence, step: Step | None, prospect: Mapping[str, Any], config: Config, start: datetime) -> datetime:
+    """When `step` falls due after `start` (or the next opening, for no step), inside the
+    window, jittered per prospect and step so a thousand prospects do not fire at 09:00:00."""
+    cal = calendar_for(seq.schedule, prospect, config)
+    key = f"{prospect['id']}:{seq.name}:{step.id if step else ''}"
+    return cal.due_time(start, step.wait if step else None, key, seq.schedule.jitter_minutes)
+
+
+def step_after(seq: Sequence, done: Seq[str], current: str | None) -> Step | None:
+    """The step to run next. `current` is the stored next step id; if the file no longer has
+    it, resume at the first step after the last one this enrollment ran (removing a step
+    skips it)."""
+    if current is not None and (step := seq.step(current)) is not None:
+        return step
+    positions = [i for i in (seq.index_of(s) for s in done) if i is not None]
+    start = max(positions) + 1 if positions else 0
+    done_set = set(done)
+    for step in seq.steps[start:]:
+        if step.id not in done_set:
+            return step
+    return None
+
+
+def following(seq: Sequence, step_id: str) -> Step | None:
+    index = seq.index_of(step_id)
+    if index is None or index + 1 >= len(seq.steps):
+        return None
+    return seq.steps[index + 1]
+
+
+def pick_sender(config: Config, pool: str, prospect_key: str) -> str | None:
+    """A mailbox of the pool chosen by the prospect, so the same prospect always gets the same one."""
+    boxes = config.senders.get(pool) or []
+    if not boxes:
+        return None
+    return boxes[int(stable_fraction("sender", pool, prospect_key) * len(boxes))].email
+
+
+def pick_variant(variants: Seq[Variant], seq_name: str, step_id: str, prospect_id: int) -> Variant | None:
+    """Weighted, deterministic: a prospect sees the same variant on every run and every worker."""
+    if not variants:
+        return None
+    total = sum(v.weight for v in variants)
+    point = stable_fraction("variant", seq_name, step_id, prospect_id) * total
+    for variant in variants:
+        point -= variant.weight
+        if point < 0:
+            return variant
+    return variants[-1]
+
+
+def touch_context(
+    config: Config, seq: Sequence, step: Step, prospect: Mapping[str, Any], sender: Mapping[str, str], unsubscribe_url: str
+) -> dict[str, Any]:
+    """The variables a template sees; validate, preview and dispatch all render with this."""
+    return {
+        "prospect": dict(prospect),
+        "sender": {"name": sender.get("name", ""), "email": sender.get("email", ""), "signature": sender.get("signature", "")},
+        "company": config.company.model_dump(),
+        "unsubscribe_url": unsubscribe_url,
+        "sequence": {"name": seq.name, "description": seq.description, "owner": seq.owner, "language": seq.language, "kind": seq.kind},
+        "step": {"id": step.id, "channel": step.channel.value, "action": step.action},
+    }

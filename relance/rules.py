@@ -1,0 +1,132 @@
+"""Cadence rules: which events end an enrollment, what suppresses a contact, where an
+ended enrollment is routed next (`on_exit`). Applied in the same transaction that records
+the event, so a reply stops the cadence now, not at the next tick."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+
+from relance.events import Channel, EventKind, SUPPRESSING_KINDS
+from relance.spec import Sequence
+from relance.store import enrollments, events, prospects
+from relance.suppression import suppress
+
+# Kinds that end every cadence of the prospect whatever its exit_on says.
+ALWAYS_EXIT = frozenset({EventKind.unsubscribed.value, EventKind.complained.value})
+
+
+def exit_kinds(seq: Sequence) -> frozenset[str]:
+    """exit_on plus every outcome on_exit routes (an outcome that routes must also end)."""
+    return frozenset({k.value for k in seq.exit_on} | {k for k in seq.on_exit if k != "completed"} | ALWAYS_EXIT)
+
+
+def ends(seq: Sequence | None, kind: str, detail: str | None) -> bool:
+    if kind == EventKind.bounced.value and detail == "soft":
+        return False  # a full mailbox is not a dead address
+    if seq is None:
+        return kind in ALWAYS_EXIT
+    return kind in exit_kinds(seq)
+
+
+def finish_enrollments(conn: Any, ws: Any, ids: Iterable[int], kind: str, reason: str, now: datetime) -> None:
+    """End enrollments (completed, or exited on `kind`) and route them per on_exit."""
+    ids = list(ids)
+    if not ids:
+        return
+    state = "completed" if kind == "completed" else "exited"
+    rows = conn.execute(
+        select(enrollments.c.id, enrollments.c.prospect_id, enrollments.c.sequence).where(
+            enrollments.c.id.in_(ids), enrollments.c.state.in_(("active", "paused"))
+        )
+    ).all()
+    if not rows:
+        return
+    conn.execute(
+        update(enrollments)
+        .where(enrollments.c.id.in_([r.id for r in rows]))
+        .values(state=state, reason=reason, next_due_at=None, lease_owner=None, lease_expires_at=None, updated_at=now)
+    )
+    if state == "completed":
+        conn.execute(
+            insert(events),
+            [
+                {
+                    "occurred_at": now, "recorded_at": now, "kind": EventKind.completed.value, "channel": None,
+                    "prospect_id": r.prospect_id, "enrollment_id": r.id, "sequence": r.sequence, "payload": {},
+                    "dedupe_key": f"enrollment:{r.id}:completed",
+                }
+                for r in rows
+            ],
+        )
+    routes: dict[str, list[int]] = defaultdict(list)
+    for r in rows:
+        seq = ws.sequences.get(r.sequence)
+        target = seq.on_exit.get(kind) if seq else None
+        if target is not None:
+            routes[target.enroll].append(r.prospect_id)
+    from relance.enrollment import EnrollReport, enroll_chunk
+
+    for target, prospect_ids in routes.items():
+        seq = ws.sequences.get(target)
+        if seq is not None:
+            enroll_chunk(conn, ws, seq, prospect_ids, now, EnrollReport(target))
+
+
+def apply(conn: Any, ws: Any, new_events: list[Mapping[str, Any]], now: datetime) -> dict[str, int]:
+    """Apply the rules of freshly recorded events; returns counts of what they caused."""
+    counts: dict[str, int] = defaultdict(int)
+    prospect_ids = {e["prospect_id"] for e in new_events if e.get("prospect_id") is not None}
+    if not prospect_ids:
+        return counts
+    active = defaultdict(list)
+    for r in conn.execute(
+        select(enrollments.c.id, enrollments.c.prospect_id, enrollments.c.sequence).where(
+            enrollments.c.prospect_id.in_(prospect_ids), enrollments.c.state.in_(("active", "paused"))
+        )
+    ):
+        active[r.prospect_id].append(r)
+    contacts = {
+        r.id: r
+        for r in conn.execute(
+            select(prospects.c.id, prospects.c.email, prospects.c.phone, prospects.c.linkedin_url).where(prospects.c.id.in_(prospect_ids))
+        )
+    }
+    to_finish: dict[str, list[int]] = defaultdict(list)
+    for ev in new_events:
+        pid, kind, detail = ev.get("prospect_id"), ev["kind"], ev.get("detail")
+        if pid is None:
+            continue
+        contact = contacts.get(pid)
+        if contact is not None:
+            counts["suppressed"] += _suppress_for(conn, contact, kind, detail, ev.get("channel"), now)
+        for enr in active[pid]:
+            same = enr.id == ev.get("enrollment_id")
+            seq = ws.sequences.get(enr.sequence)
+            # A reply, meeting or opt-out ends every cadence of the prospect that exits on it;
+            # a bounce ends only the one that bounced (the other channels may still be open).
+            if kind == EventKind.bounced.value and not same:
+                continue
+            if ends(seq, kind, detail) and enr.id not in to_finish[kind]:
+                to_finish[kind].append(enr.id)
+    for kind, ids in to_finish.items():
+        counts["exited"] += len(ids)
+        finish_enrollments(conn, ws, ids, kind, f"{kind} received", now)
+    return counts
+
+
+def _suppress_for(conn: Any, contact: Any, kind: str, detail: str | None, channel: str | None, now: datetime) -> int:
+    added = 0
+    if kind in {k.value for k in SUPPRESSING_KINDS}:
+        for ckind, value in (("email", contact.email), ("phone", contact.phone), ("linkedin", contact.linkedin_url)):
+            if value:
+                added += suppress(conn, ckind, value, kind, source=f"{channel or 'unknown'} event", now=now) or 0
+    elif kind == EventKind.bounced.value and detail != "soft" and contact.email:
+        added += suppress(conn, "email", contact.email, "hard bounce", source="email event", now=now) or 0
+    elif kind == EventKind.call_wrong_number.value and contact.phone and channel == Channel.call.value:
+        added += suppress(conn, "phone", contact.phone, "wrong number", source="call outcome", now=now) or 0
+    return added

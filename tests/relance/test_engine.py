@@ -1,0 +1,370 @@
+"""The engine end to end on the store, with the sandbox connectors, on a simulated clock."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from email import policy
+from email.parser import BytesParser
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy import func, insert, select, update
+
+from relance.channels import InboundEvent
+from relance.dispatch import Dispatcher
+from relance.enrollment import enroll
+from relance.events import Channel, EventKind
+from relance.inbox import complete_task, open_tasks
+from relance.ingest import ingest, poll_all
+from relance.planning import pick_variant
+from relance.store import enrollments, events, prospects, tasks, touches
+from relance.suppression import suppress
+from relance.workspace import Workspace
+from tests.conftest import at, database_url, write_workspace
+
+MONDAY = at("2027-03-15T07:00:00")  # 08:00 in Paris: before the window opens
+
+
+def add_prospects(ws: Workspace, *rows: dict) -> list[int]:
+    now = MONDAY
+    defaults = {"timezone": "Europe/Paris", "country": "FR", "attributes": {}, "created_at": now, "updated_at": now}
+    with ws.store.begin() as conn:
+        return list(conn.execute(insert(prospects).returning(prospects.c.id, sort_by_parameter_order=True), [{**defaults, **r} for r in rows]).scalars())
+
+
+def person(i: int, **extra) -> dict:
+    return {
+        "email": f"p{i}@client{i}.example",
+        "first_name": f"Prénom{i}",
+        "last_name": f"Nom{i}",
+        "company": f"Client {i}",
+        "phone": f"+3361234{i:04d}",
+        "linkedin_url": f"https://www.linkedin.com/in/p{i}",
+        **extra,
+    }
+
+
+def run_until(ws: Workspace, start, end, step=timedelta(minutes=30)) -> None:
+    dispatcher = Dispatcher(ws)
+    now = start
+    while now <= end:
+        poll_all(ws, now)
+        dispatcher.run(now)
+        now += step
+
+
+def touch_rows(ws: Workspace, **where) -> list:
+    query = select(touches)
+    for key, value in where.items():
+        query = query.where(getattr(touches.c, key) == value)
+    with ws.store.connect() as conn:
+        return conn.execute(query.order_by(touches.c.id)).all()
+
+
+def enrollment(ws: Workspace, prospect_id: int, sequence: str = "outbound"):
+    with ws.store.connect() as conn:
+        return conn.execute(select(enrollments).where(enrollments.c.prospect_id == prospect_id, enrollments.c.sequence == sequence)).one()
+
+
+@pytest.fixture
+def ws(workspace_dir: Path):
+    w = Workspace.load(workspace_dir)
+    yield w
+    w.close()
+
+
+def test_first_touch_waits_for_the_window_then_goes_out_once(ws: Workspace):
+    [pid] = add_prospects(ws, person(1))
+    report = enroll(ws, ws.sequence("outbound"), [pid], MONDAY)
+    assert report.enrolled == 1
+    due = enrollment(ws, pid).next_due_at
+    assert at("2027-03-15T08:00:00") <= due < at("2027-03-15T08:10:00")  # 09:00-09:10 Paris
+
+    assert Dispatcher(ws).run(MONDAY).claimed == 0  # nothing is due before the window
+    summary = Dispatcher(ws).run(due)
+    assert summary.sent == {"email": 1}
+    assert Dispatcher(ws).run(due + timedelta(minutes=5)).claimed == 0  # never twice
+
+    [touch] = touch_rows(ws, step_id="intro")
+    assert touch.status == "sent" and touch.idempotency_key == f"{enrollment(ws, pid).id}:intro"
+    assert touch.spec_version == ws.sequence("outbound").version
+    eml = next((ws.root / "outbox" / "email").glob("*.eml"))
+    message = BytesParser(policy=policy.default).parse(eml.open("rb"))
+    assert message["To"].addresses[0].addr_spec == "p1@client1.example"
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert enrollment(ws, pid).next_step_id == "invite"
+
+
+def test_multichannel_cadence_runs_every_step_in_order(ws: Workspace):
+    [pid] = add_prospects(ws, person(1))
+    enroll(ws, ws.sequence("outbound"), [pid], MONDAY)
+    run_until(ws, MONDAY, MONDAY + timedelta(days=14))
+    steps = [(t.step_id, t.status) for t in touch_rows(ws)]
+    # Nobody opened, nobody accepted: the bump goes, the LinkedIn message is skipped.
+    assert steps == [("intro", "sent"), ("invite", "sent"), ("call-1", "sent"), ("bump", "sent"), ("message", "skipped")]
+    assert enrollment(ws, pid).state == "completed"
+    sent = {t.step_id: t.sent_at for t in touch_rows(ws, status="sent")}
+    # Business days: Monday intro, Tuesday invite, Wednesday call, Friday bump.
+    paris = ZoneInfo("Europe/Paris")
+    assert [sent[s].astimezone(paris).weekday() for s in ("intro", "invite", "call-1", "bump")] == [0, 1, 2, 4]
+    bump = touch_rows(ws, step_id="bump")[0]
+    intro = touch_rows(ws, step_id="intro")[0]
+    assert bump.subject == f"Re: {intro.subject}"
+
+
+def test_a_reply_ends_the_cadence_before_its_next_touch(ws: Workspace):
+    [pid] = add_prospects(ws, person(1))
+    enroll(ws, ws.sequence("outbound"), [pid], MONDAY)
+    run_until(ws, MONDAY, at("2027-03-15T12:00:00"))
+    [intro] = touch_rows(ws, step_id="intro")
+    reply = InboundEvent(EventKind.replied, Channel.email, at("2027-03-15T15:00:00"), "imap:reply-1", message_id=intro.message_id)
+    summary = ingest(ws, [reply], at("2027-03-15T15:00:00"))
+    assert summary.recorded == 1 and summary.exited == 1
+    assert enrollment(ws, pid).state == "exited"
+    run_until(ws, at("2027-03-15T15:00:00"), MONDAY + timedelta(days=10))
+    assert [t.step_id for t in touch_rows(ws)] == ["intro"]
+    # Ingesting the same provider event again changes nothing.
+    assert ingest(ws, [reply], at("2027-03-16T08:00:00")).duplicates == 1
+
+
+def test_condition_branch_taken_and_not_taken(ws: Workspace):
+    a, b = add_prospects(ws, person(1), person(2))
+    enroll(ws, ws.sequence("outbound"), [a, b], MONDAY)
+    run_until(ws, MONDAY, at("2027-03-15T16:00:00"))
+    intro_a = next(t for t in touch_rows(ws, step_id="intro") if t.prospect_id == a)
+    ingest(ws, [InboundEvent(EventKind.opened, Channel.email, at("2027-03-15T16:00:00"), "open-a", touch_id=intro_a.id)], at("2027-03-15T16:00:00"))
+    run_until(ws, at("2027-03-15T16:00:00"), MONDAY + timedelta(days=10))
+    bumps = {t.prospect_id: t.status for t in touch_rows(ws, step_id="bump")}
+    assert bumps == {a: "skipped", b: "sent"}
+
+
+def test_variant_assignment_is_stable_and_recorded(ws: Workspace):
+    ids = add_prospects(ws, *[person(i) for i in range(40)])
+    seq = ws.sequence("outbound")
+    enroll(ws, seq, ids, MONDAY)
+    run_until(ws, MONDAY, at("2027-03-15T11:00:00"))
+    variants = seq.steps[0].email.variants
+    recorded = {t.prospect_id: t.variant for t in touch_rows(ws, step_id="intro")}
+    assert recorded == {pid: pick_variant(variants, seq.name, "intro", pid).id for pid in ids}
+    assert set(recorded.values()) == {"a", "b"}  # both arms are used
+    again = {pid: pick_variant(variants, seq.name, "intro", pid).id for pid in ids}
+    assert again == recorded
+
+
+def test_exclusivity_and_suppression_at_enrollment(ws: Workspace):
+    a, b, c = add_prospects(ws, person(1), person(2), person(3))
+    with ws.store.begin() as conn:
+        suppress(conn, "domain", "client3.example", "competitor", now=MONDAY)
+    first = enroll(ws, ws.sequence("outbound"), [a, b, c], MONDAY)
+    assert first.enrolled == 2 and first.skipped == {"suppressed: competitor (domain)": 1}
+    again = enroll(ws, ws.sequence("outbound"), [a], MONDAY)
+    assert again.skipped == {"already in this sequence": 1}
+    # A second exclusive sequence refuses a busy prospect; a non-exclusive nurture accepts it.
+    other = ws.sequence("outbound").model_copy(update={"name": "other-outbound"})
+    assert enroll(ws, other, [a], MONDAY).skipped == {"active in another exclusive sequence": 1}
+    assert enroll(ws, ws.sequence("nurture"), [a], MONDAY).enrolled == 1
+
+
+def test_suppression_takes_effect_before_the_next_send(ws: Workspace):
+    a, b = add_prospects(ws, person(1), person(2))
+    enroll(ws, ws.sequence("outbound"), [a, b], MONDAY)
+    with ws.store.begin() as conn:
+        suppress(conn, "email", "p1@client1.example", "unsubscribed by phone", now=MONDAY)
+    run_until(ws, MONDAY, MONDAY + timedelta(days=10))
+    assert {t.prospect_id for t in touch_rows(ws)} == {b}
+    assert enrollment(ws, a).state == "exited"
+
+
+def test_a_template_error_on_one_prospect_does_not_stop_the_batch(backend: str, tmp_path: Path):
+    root = write_workspace(
+        tmp_path / "ws",
+        database_url(backend, tmp_path),
+        templates={"email/intro.j2": "Votre plan : {{ prospect.attributes.plan.upper() }}\n{% include 'email/_footer.j2' %}\n"},
+    )
+    ws = Workspace.load(root)
+    ids = add_prospects(ws, person(1, attributes={"plan": "pro"}), person(2), person(3, attributes={"plan": "team"}))
+    enroll(ws, ws.sequence("outbound"), ids, MONDAY)
+    summary = Dispatcher(ws).run(at("2027-03-15T09:00:00"))
+    assert summary.sent == {"email": 2} and summary.failed == {"email": 1} and summary.paused == 1
+    assert "plan" in summary.errors[0]
+    broken = enrollment(ws, ids[1])
+    assert broken.state == "paused" and "intro" in broken.reason
+    [failed] = touch_rows(ws, status="failed")
+    assert failed.prospect_id == ids[1] and "plan" in failed.error
+    ws.close()
+
+
+def test_hostile_prospect_fields_are_rendered_as_inert_data(ws: Workspace):
+    [pid] = add_prospects(ws, person(1, first_name="Zoé\r\nBcc: victim@evil.example", company="{{ 7*7 }} & {% raw %}"))
+    enroll(ws, ws.sequence("outbound"), [pid], MONDAY)
+    Dispatcher(ws).run(at("2027-03-15T09:00:00"))
+    [touch] = touch_rows(ws, step_id="intro")
+    assert touch.status == "sent"
+    raw = next((ws.root / "outbox" / "email").glob("*.eml")).read_bytes()
+    message = BytesParser(policy=policy.default).parsebytes(raw)
+    assert message["Bcc"] is None and b"\r\nBcc:" not in raw.split(b"\r\n\r\n")[0]
+    body = message.get_body(("plain",)).get_content()
+    assert "{{ 7*7 }} & {% raw %}" in body and "49" not in body
+    if touch.variant == "a":
+        assert "{{ 7*7 }}" in message["Subject"]
+
+
+def test_capacity_limit_defers_instead_of_failing(backend: str, tmp_path: Path):
+    ws = Workspace.load(write_workspace(tmp_path / "ws", database_url(backend, tmp_path), daily=2))
+    ids = add_prospects(ws, *[person(i) for i in range(6)])
+    enroll(ws, ws.sequence("outbound"), ids, MONDAY)
+    summary = Dispatcher(ws).run(at("2027-03-15T09:00:00"))
+    # Two mailboxes, two emails a day each.
+    assert sum(summary.sent.values()) <= 4 and summary.deferred >= 2
+    with ws.store.connect() as conn:
+        per_sender = dict(conn.execute(select(touches.c.sender, func.count()).group_by(touches.c.sender)).all())
+    assert all(count <= 2 for count in per_sender.values())
+    ws.close()
+
+
+def test_sticky_sender_for_every_email_of_an_enrollment(ws: Workspace):
+    ids = add_prospects(ws, *[person(i) for i in range(10)])
+    enroll(ws, ws.sequence("outbound"), ids, MONDAY)
+    run_until(ws, MONDAY, MONDAY + timedelta(days=10))
+    by_prospect: dict[int, set] = {}
+    for t in touch_rows(ws, channel="email", status="sent"):
+        by_prospect.setdefault(t.prospect_id, set()).add(t.sender)
+    assert by_prospect and all(len(s) == 1 for s in by_prospect.values())
+    for pid, senders in by_prospect.items():
+        assert senders == {enrollment(ws, pid).sender}
+
+
+def test_manual_call_creates_a_task_whose_outcome_conditions_see(backend: str, tmp_path: Path):
+    sequence = (
+        "name: outbound\nowner: marie@acme.example\nsender: {pool: sales}\n"
+        "schedule: {window: {days: mon-fri, hours: ['09:00-18:00']}, holidays: FR}\n"
+        "steps:\n"
+        "  - id: call-1\n    call: {script: call/script.j2}\n"
+        "  - id: voicemail-email\n    wait: 1 day\n    when: \"call_outcome('call-1') == 'voicemail'\"\n"
+        "    email: {template: email/bump.j2, subject: 'Suite à mon appel'}\n"
+    )
+    ws = Workspace.load(write_workspace(tmp_path / "ws", database_url(backend, tmp_path), call="manual", sequences={"o.yaml": sequence}))
+    a, b = add_prospects(ws, person(1), person(2))
+    enroll(ws, ws.sequence("outbound"), [a, b], MONDAY)
+    summary = Dispatcher(ws).run(at("2027-03-15T09:00:00"))
+    assert summary.tasks == {"call": 2}
+    inbox = open_tasks(ws, at("2027-03-15T09:00:00"))
+    assert len(inbox) == 2 and "Appeler Prénom1 Nom1" in inbox[0]["body"]
+    outcomes = {a: "voicemail", b: "connected"}
+    for task in inbox:
+        complete_task(ws, task["id"], outcomes[task["prospect_id"]], at("2027-03-15T10:00:00"))
+    run_until(ws, at("2027-03-15T10:00:00"), at("2027-03-18T10:00:00"))
+    emails = {t.prospect_id: t.status for t in touch_rows(ws, step_id="voicemail-email")}
+    assert emails == {a: "sent", b: "skipped"}
+    with ws.store.connect() as conn:
+        kinds = sorted(conn.scalars(select(events.c.kind).where(events.c.channel == "call")))
+    assert kinds == ["call_connected", "call_voicemail", "queued", "queued", "sent", "sent"]
+    ws.close()
+
+
+def test_meeting_booked_on_a_task_exits_and_disqualified_routes_to_nurture(ws: Workspace):
+    a, b = add_prospects(ws, person(1), person(2))
+    enroll(ws, ws.sequence("outbound"), [a, b], MONDAY)
+    run_until(ws, MONDAY, at("2027-03-15T12:00:00"))
+    touch_a = touch_rows(ws, prospect_id=a)[0]
+    touch_b = touch_rows(ws, prospect_id=b)[0]
+    now = at("2027-03-15T13:00:00")
+    ingest(ws, [InboundEvent(EventKind.meeting_booked, Channel.email, now, "mtg-a", touch_id=touch_a.id)], now)
+    ingest(ws, [InboundEvent(EventKind.disqualified, Channel.email, now, "dq-b", touch_id=touch_b.id)], now)
+    assert enrollment(ws, a).state == "exited" and enrollment(ws, a).reason == "meeting_booked received"
+    assert enrollment(ws, b).state == "exited"
+    nurture = enrollment(ws, b, "nurture")
+    assert nurture.state == "active" and nurture.next_step_id == "news"
+
+
+def test_editing_the_cadence_affects_enrollments_in_flight_from_their_next_step(backend: str, tmp_path: Path):
+    root = write_workspace(tmp_path / "ws", database_url(backend, tmp_path))
+    ws = Workspace.load(root)
+    [pid] = add_prospects(ws, person(1))
+    enroll(ws, ws.sequence("outbound"), [pid], MONDAY)
+    run_until(ws, MONDAY, at("2027-03-15T12:00:00"))
+    old_version = ws.sequence("outbound").version
+    ws.close()
+    # Remove the invite step the enrollment is waiting for.
+    path = root / "sequences" / "outbound.yaml"
+    text = path.read_text()
+    start = text.index("  - id: invite")
+    end = text.index("  - id: call-1")
+    path.write_text(text[:start] + text[end:])
+    ws = Workspace.load(root)
+    run_until(ws, at("2027-03-15T12:00:00"), MONDAY + timedelta(days=10))
+    rows = touch_rows(ws)
+    assert [t.step_id for t in rows][:2] == ["intro", "call-1"]
+    assert rows[0].spec_version == old_version and rows[1].spec_version == ws.sequence("outbound").version != old_version
+    ws.close()
+
+
+def test_transient_failures_retry_with_backoff_then_send_once(backend: str, tmp_path: Path):
+    root = write_workspace(tmp_path / "ws", database_url(backend, tmp_path))
+    config = root / "config.yaml"
+    config.write_text(config.read_text().replace("seed: 3, rates:", "seed: 3, fail_rate: 1.0, retry_after_seconds: 600, rates:", 1))
+    ws = Workspace.load(root)
+    [pid] = add_prospects(ws, person(1))
+    enroll(ws, ws.sequence("outbound"), [pid], MONDAY)
+    now = at("2027-03-15T09:00:00")
+    summary = Dispatcher(ws).run(now)
+    assert summary.retried == {"email": 1}
+    row = enrollment(ws, pid)
+    assert row.state == "active" and row.next_due_at >= now + timedelta(seconds=600)  # Retry-After honoured
+    ws.close()
+    config.write_text(config.read_text().replace("fail_rate: 1.0", "fail_rate: 0.0"))
+    ws = Workspace.load(root)
+    Dispatcher(ws).run(now + timedelta(hours=1))
+    [touch] = touch_rows(ws, step_id="intro")
+    assert touch.status == "sent" and touch.attempts == 2
+    ws.close()
+
+
+def test_a_crash_mid_send_is_reconciled_not_resent_blindly(ws: Workspace):
+    [pid] = add_prospects(ws, person(1))
+    enroll(ws, ws.sequence("outbound"), [pid], MONDAY)
+    now = at("2027-03-15T09:00:00")
+    dead = Dispatcher(ws, owner="dead-worker")
+    batch = dead.prepare(dead.claim(now), now)  # the worker dies before recording anything
+    [outbound] = batch.outbound[Channel.email]
+    ws.connector(Channel.email).send_batch([outbound], now)  # ...after the provider accepted it
+    later = now + timedelta(seconds=ws.config.dispatch.lease_seconds + 1)
+    Dispatcher(ws).run(later)  # the sandbox is idempotent: resent with the same key, deduped
+    [touch] = touch_rows(ws, step_id="intro")
+    assert touch.status == "sent"
+    assert len(list((ws.root / "outbox" / "email").glob("*.eml"))) == 1
+
+
+@pytest.mark.postgres
+def test_two_dispatchers_on_postgres_never_claim_the_same_enrollment(tmp_path: Path):
+    root = write_workspace(tmp_path / "ws", database_url("postgres", tmp_path), batch=50, daily=10_000)
+    ws = Workspace.load(root)
+    ids = add_prospects(ws, *[person(i) for i in range(400)])
+    enroll(ws, ws.sequence("outbound"), ids, MONDAY)
+    now = at("2027-03-15T09:30:00")
+    claims: dict[str, list[int]] = {"one": [], "two": []}
+
+    def work(name: str) -> None:
+        worker = Workspace.load(root)
+        dispatcher = Dispatcher(worker, owner=name)
+        while ids_ := dispatcher.claim(now):
+            claims[name].extend(ids_)
+            batch = dispatcher.prepare(ids_, now)
+            for channel, outbound in batch.outbound.items():
+                dispatcher.deliver(channel, outbound, now)
+        worker.close()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in claims]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert claims["one"] and claims["two"], "both workers took part"
+    assert not set(claims["one"]) & set(claims["two"])
+    assert len(claims["one"]) + len(claims["two"]) == 400
+    rows = touch_rows(ws, step_id="intro")
+    assert len(rows) == 400 and len({r.idempotency_key for r in rows}) == 400
+    assert all(r.status == "sent" for r in rows)
+    ws.close()
