@@ -1,0 +1,43 @@
+# `make demo` and `make test` do all the set-up themselves: a virtual environment in .venv,
+# the package and its test extras, then the job. Needs only Python 3.11+ on the PATH.
+PYTHON ?= $(shell command -v python3.12 || command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= demo
+# The demo runs on a simulated clock: six weeks from a Monday in March 2027, across the
+# switch to summer time (28 March) and Easter Monday (29 March, a French holiday).
+DEMO_START ?= 2027-03-15T07:00:00Z
+DEMO_WEEKS ?= 6
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Relance needs Python 3.11 or newer (found %s)" % sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	$(BIN)/relance init $(DEMO_DIR)
+	cd $(DEMO_DIR) && export PREFECT_HOME="$$PWD/.prefect" RELANCE_NOW=$(DEMO_START) && \
+	  ../$(BIN)/relance validate && \
+	  ../$(BIN)/relance import prospects/sample.csv && \
+	  ../$(BIN)/relance enroll cfo-outbound-fr --where language=fr && \
+	  ../$(BIN)/relance enroll saas-outbound-en --where language=en && \
+	  ../$(BIN)/relance simulate --weeks $(DEMO_WEEKS) && \
+	  ../$(BIN)/relance status && \
+	  ../$(BIN)/relance report
+
+test: $(STAMP)
+	PREFECT_HOME="$$PWD/.pytest_cache/prefect" $(BIN)/python -m pytest
+	$(BIN)/lint-imports
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache *.egg-info

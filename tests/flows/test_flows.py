@@ -1,0 +1,75 @@
+"""The Prefect flows under Prefect's test harness: real flow and task runs, real artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter
+from sqlalchemy import func, select
+
+from flows import dispatch, enroll, ingest, report
+from relance.store import touches
+from relance.workspace import Workspace
+from tests.conftest import at, database_url, write_workspace
+
+pytestmark = pytest.mark.prefect
+
+CSV = (
+    "email,first_name,last_name,company,phone,linkedin_url,timezone,country\n"
+    "anne@alpha.example,Anne,Ädler,Alpha,+33612345001,linkedin.com/in/anne,Europe/Paris,FR\n"
+    "bob@beta.example,Bob,Brown,Beta,+447700900123,https://www.linkedin.com/in/bob/,Europe/London,GB\n"
+    "broken@,Carl,Crash,Gamma,,,,FR\n"
+)
+
+
+@pytest.fixture
+def root(backend: str, tmp_path: Path) -> Path:
+    root = write_workspace(tmp_path / "ws", database_url(backend, tmp_path))
+    (root / "prospects.csv").write_text(CSV)
+    return root
+
+
+def test_enroll_dispatch_ingest_report_flows(root: Path):
+    start = at("2027-03-15T07:00:00")
+    result = enroll(sequence="outbound", workspace=str(root), csv_file=str(root / "prospects.csv"), now=start)
+    assert result["imported"] == 2 and len(result["rejected"]) == 1 and result["enrolled"] == 2
+
+    summary = dispatch(workspace=str(root), now=at("2027-03-15T09:30:00"))
+    assert summary["claimed"] == 2 and summary["sent"] == {"email": 2}
+    assert ingest(workspace=str(root), now=at("2027-03-16T09:30:00"))["recorded"] >= 2  # delivered events
+    later = dispatch(workspace=str(root), now=at("2027-03-16T10:30:00"))
+    assert later["sent"] == {"linkedin": 2}
+
+    out = report(workspace=str(root))
+    channels = {row["channel"]: row for row in out["rows"]}
+    assert channels["email"]["sent"] == 2 and channels["linkedin"]["invited"] == 2
+
+    ws = Workspace.load(root)
+    with ws.store.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(touches)) == 4
+    ws.close()
+
+
+def test_dispatch_runs_one_task_per_batch_and_channel_and_publishes_artifacts(root: Path):
+    from relance.enrollment import enroll as enroll_prospects
+    from relance.prospects import find_prospects, import_csv
+
+    ws = Workspace.load(root)
+    import_csv(ws.store, root / "prospects.csv", now=at("2027-03-15T07:00:00"))
+    with ws.store.connect() as conn:
+        ids = find_prospects(conn, where={})
+    enroll_prospects(ws, ws.sequence("outbound"), ids, at("2027-03-15T07:00:00"))
+    ws.close()
+
+    state = dispatch(workspace=str(root), now=at("2027-03-15T09:30:00"), return_state=True)
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [state.state_details.flow_run_id]}))
+        names = [t.name for t in task_runs]
+        assert names.count("send-email") == 1 and sum(n.startswith("send-") for n in names) == 1
+        # One batch, then the empty claim that ends the loop: never one task per message.
+        assert sum(n.startswith("prepare-batch") for n in names) == 2
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dispatch-summary"])))
+        assert artifacts and "| claimed | 2 |" in artifacts[-1].data
