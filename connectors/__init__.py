@@ -1,0 +1,1 @@
+"""Connectors: one module per provider, each registering its channel classes with relance.channels.register."""
