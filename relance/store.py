@@ -162,6 +162,12 @@ events = Table(
     Column("dedupe_key", String(300), nullable=False, unique=True),
     Index("ix_events_sequence_kind", "sequence", "kind"),
     Index("ix_events_occurred", "occurred_at"),
+    # Covering, in the order of the report's GROUP BY: one index-only scan, no sort, serves every report.
+    Index(
+        "ix_events_report",
+        "sequence", "step_id", "variant", "sender", "channel", "kind", "detail", "touch_id", "occurred_at",
+        postgresql_include=["id"],
+    ),
 )
 
 suppressions = Table(
@@ -240,10 +246,13 @@ class Store:
             self.migrate()
 
     def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision (creates the database on first use)."""
-        from relance.migrate import upgrade
+        """Bring the schema to the newest Alembic revision (creates the database on first use).
 
-        upgrade(self.engine)
+        Flows open the store on every run, so an up-to-date schema costs one SELECT."""
+        from relance.migrate import is_current, upgrade
+
+        if not is_current(self.engine):
+            upgrade(self.engine)
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
