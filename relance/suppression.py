@@ -1,0 +1,185 @@
+"""Suppressions: addresses, domains, phones and profiles that must never be contacted again.
+
+Dispatch checks a whole batch in one query before sending, so an opt-out takes effect before
+the next send. Bounces, complaints and opt-outs are permanent: there is no `unsuppress`, and
+an import never removes a suppression. A prospect erased on request leaves only a SHA-256 of
+their email or LinkedIn URL (kinds `email_sha256`, `linkedin_sha256`), so a later import of
+the same person is refused without the store keeping who they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import phonenumbers
+from sqlalchemy import and_, insert, or_, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from relance.store import suppressions, utcnow
+
+KINDS = ("email", "domain", "phone", "linkedin", "email_sha256", "linkedin_sha256")
+ERASED = "erased"  # the reason of the hash left by erase_prospect
+# When several suppressions match one prospect, the most specific one is reported.
+_PRIORITY = {kind: rank for rank, kind in enumerate(("email", "email_sha256", "linkedin", "linkedin_sha256", "phone", "domain"))}
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CHUNK = 500  # prospects per query: ~8 bind values each stays far below both backends' limits
+
+
+def hash_identifier(value: str) -> str:
+    """The SHA-256 that stands for an email or LinkedIn URL once the person is erased."""
+    return hashlib.sha256(value.strip().lower().encode()).hexdigest()
+
+
+def normalise_value(kind: str, value: str) -> str:
+    """The form prospects are stored in, so a suppression typed by hand still matches."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown suppression kind {kind!r}: use one of {', '.join(KINDS)}")
+    value = (value or "").strip()
+    if kind == "email":
+        value = value.removeprefix("mailto:").lower()
+    elif kind == "domain":
+        value = value.rpartition("@")[2].strip().rstrip(".").lower()
+    elif kind == "phone":
+        try:
+            value = phonenumbers.format_number(phonenumbers.parse(value, None), phonenumbers.PhoneNumberFormat.E164)
+        except phonenumbers.NumberParseException:
+            pass  # not international: kept as given, it can only match what was stored so
+    elif kind == "linkedin":
+        from relance.prospects import normalise_linkedin_url  # prospects imports this module
+
+        try:
+            value = normalise_linkedin_url(value)
+        except ValueError:
+            pass
+    else:
+        value = value.lower()
+        if not _HEX64.fullmatch(value):
+            raise ValueError(f"a {kind} suppression takes a SHA-256 hex digest, got {value[:20]!r}")
+    if not value:
+        raise ValueError(f"empty {kind} suppression")
+    return value
+
+
+def _insert_ignore(conn: Connection) -> Any:
+    """INSERT that leaves an existing (kind, value) alone: the first reason recorded stays."""
+    name = conn.dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:
+        return None
+    return dialect_insert(suppressions).on_conflict_do_nothing(index_elements=["kind", "value"])
+
+
+def suppress(
+    conn: Connection,
+    kind: str,
+    value: str,
+    reason: str,
+    source: str | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Record a suppression; True if it is new. Idempotent, so webhooks may repeat freely."""
+    return suppress_many(conn, [(kind, value, reason, source)], now=now) == 1
+
+
+def suppress_many(
+    conn: Connection,
+    items: Iterable[tuple[str, str, str, str | None]],
+    *,
+    now: datetime | None = None,
+) -> int:
+    """Record (kind, value, reason, source) tuples in one statement; returns how many were new."""
+    now = now or utcnow()
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for kind, value, reason, source in items:
+        value = normalise_value(kind, value)
+        rows.setdefault(
+            (kind, value),
+            {"kind": kind, "value": value, "reason": reason[:200], "source": source and source[:300], "created_at": now},
+        )
+    if not rows:
+        return 0
+    stmt = _insert_ignore(conn)
+    if stmt is not None:
+        # RETURNING lists only the rows inserted; executemany rowcounts differ between drivers.
+        return len(conn.execute(stmt.returning(suppressions.c.id), list(rows.values())).all())
+    added = 0
+    for row in rows.values():  # another backend: one savepoint per row
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(suppressions), row)
+            added += 1
+        except IntegrityError:
+            pass
+    return added
+
+
+def _parent_domains(domain: str) -> list[str]:
+    """sales.acme.fr -> [sales.acme.fr, acme.fr]: suppressing a domain covers its subdomains."""
+    labels = domain.split(".")
+    return [".".join(labels[i:]) for i in range(len(labels) - 1)] or [domain]
+
+
+def _identifiers(prospect: Mapping[str, Any]) -> list[tuple[str, str]]:
+    keys: list[tuple[str, str]] = []
+    email = (prospect.get("email") or "").strip().lower()
+    if email:
+        keys += [("email", email), ("email_sha256", hash_identifier(email))]
+        keys += [("domain", d) for d in _parent_domains(email.rpartition("@")[2])]
+    linkedin = (prospect.get("linkedin_url") or prospect.get("linkedin") or "").strip()
+    if linkedin:
+        keys += [("linkedin", linkedin), ("linkedin_sha256", hash_identifier(linkedin))]
+    phone = (prospect.get("phone") or "").strip()
+    if phone:
+        keys.append(("phone", phone))
+    return keys
+
+
+def suppressed_ids(conn: Connection, prospects: Sequence[Mapping[str, Any]]) -> dict[int, str]:
+    """{prospect id: why} for the suppressed ones among a batch, one query per 500 prospects.
+
+    Accepts mappings or SQLAlchemy rows with `id`, `email`, `phone`, `linkedin_url`. The
+    reason reads like "unsubscribed (email)": the stored reason and the kind that matched.
+    """
+    found: dict[int, tuple[int, str]] = {}
+    for start in range(0, len(prospects), _CHUNK):
+        wanted: dict[tuple[str, str], list[int]] = {}
+        for p in prospects[start : start + _CHUNK]:
+            m = getattr(p, "_mapping", p)
+            for key in _identifiers(m):
+                wanted.setdefault(key, []).append(m["id"])
+        if not wanted:
+            continue
+        by_kind: dict[str, list[str]] = {}
+        for kind, value in wanted:
+            by_kind.setdefault(kind, []).append(value)
+        clause = or_(*(and_(suppressions.c.kind == k, suppressions.c.value.in_(v)) for k, v in by_kind.items()))
+        stmt = select(suppressions.c.kind, suppressions.c.value, suppressions.c.reason).where(clause)
+        for kind, value, reason in conn.execute(stmt):
+            rank = _PRIORITY.get(kind, len(_PRIORITY))
+            for pid in wanted.get((kind, value), ()):
+                if pid not in found or rank < found[pid][0]:
+                    found[pid] = (rank, f"{reason} ({kind})")
+    return {pid: why for pid, (_, why) in found.items()}
+
+
+def is_suppressed(conn: Connection, prospect: Mapping[str, Any]) -> str | None:
+    """Why this one prospect must not be contacted, or None; for single checks off the hot path."""
+    m = dict(getattr(prospect, "_mapping", prospect))
+    m["id"] = m.get("id", 0)
+    return suppressed_ids(conn, [m]).get(m["id"])
+
+
+def list_suppressions(conn: Connection, limit: int = 100, *, kind: str | None = None) -> list[dict[str, Any]]:
+    """Newest first, for `relance suppressions` and audits."""
+    stmt = select(suppressions).order_by(suppressions.c.id.desc()).limit(limit)
+    if kind is not None:
+        stmt = stmt.where(suppressions.c.kind == kind)
+    return [dict(row._mapping) for row in conn.execute(stmt)]
