@@ -11,7 +11,7 @@ DEMO_START ?= 2027-03-15T07:00:00Z
 DEMO_WEEKS ?= 6
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Relance needs Python 3.11 or newer (found %s)" % sys.version.split()[0])'
@@ -35,9 +35,6 @@ demo: $(STAMP)
 test: $(STAMP)
 	PREFECT_HOME="$$PWD/.pytest_cache/prefect" $(BIN)/python -m pytest
 	$(BIN)/lint-imports
-
-bench: $(STAMP)
-	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache *.egg-info

@@ -3,10 +3,3 @@
 A cadence is a state machine in the store, not a flow run per prospect: these short flows
 move it forward. Deploy them with prefect.yaml; `relance serve` runs them without a server.
 """
-
-from flows.dispatch import dispatch
-from flows.enroll import enroll
-from flows.ingest import ingest
-from flows.report import report
-
-__all__ = ["dispatch", "enroll", "ingest", "report"]

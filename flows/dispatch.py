@@ -44,8 +44,10 @@ def dispatch(workspace: str = ".", now: datetime | None = None, max_batches: int
         dispatcher = Dispatcher(ws)
         reconcile(dispatcher, now)
         due = count_due(ws, now)
-        progress = create_progress_artifact(progress=0.0, description=f"Dispatch at {now:%Y-%m-%d %H:%M} UTC: {due} due")
         total = DispatchSummary()
+        if not due:
+            return total.as_dict()
+        progress = create_progress_artifact(progress=0.0, description=f"Dispatch at {now:%Y-%m-%d %H:%M} UTC: {due} due")
         batches = 0
         while max_batches is None or batches < max_batches:
             batch = prepare_batch(dispatcher, now)

@@ -186,7 +186,10 @@ def erase(
 
 
 # ------------------------------------------------------------------------ running
-def _quiet_prefect(simulated: bool) -> None:
+def _quiet_prefect() -> None:
+    """Prefect without a configured server starts a temporary one; its first start migrates a
+    database, which takes more than Prefect's default 20 s on a busy 2-core machine."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
@@ -195,8 +198,9 @@ def _quiet_prefect(simulated: bool) -> None:
 @app.command()
 def run(workspace: WorkspaceOpt = Path("."), at: AtOpt = None) -> None:
     """One tick now: the ingest flow, then the dispatch flow."""
-    _quiet_prefect(False)
-    from flows import dispatch, ingest
+    _quiet_prefect()
+    from flows.dispatch import dispatch
+    from flows.ingest import ingest
 
     now = _now(at)
     ingested = ingest(workspace=str(workspace.resolve()), now=now)
@@ -213,10 +217,11 @@ def simulate(
     at: AtOpt = None,
 ) -> None:
     """Run the real ingest and dispatch flows on a simulated clock, jumping over idle time."""
-    _quiet_prefect(True)
+    _quiet_prefect()
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    from flows import dispatch, ingest
+    from flows.dispatch import dispatch
+    from flows.ingest import ingest
     from relance.simulation import Simulation
 
     ws = _workspace(workspace)
@@ -245,7 +250,7 @@ def serve(
     web: Annotated[bool, typer.Option(help="Also serve the web app (opt-out page, webhooks, task inbox).")] = True,
 ) -> None:
     """Single-machine mode: APScheduler fires the flows on their schedules, next to the web app."""
-    _quiet_prefect(False)
+    _quiet_prefect()
     from relance.serve import serve as run_server
 
     run_server(workspace.resolve(), with_web=web)

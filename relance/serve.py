@@ -17,7 +17,9 @@ def build_scheduler(root: Path):
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.triggers.cron import CronTrigger
 
-    from flows import dispatch, ingest, report
+    from flows.dispatch import dispatch
+    from flows.ingest import ingest
+    from flows.report import report
 
     ws = Workspace.load(root)
     schedules = ws.config.schedules

@@ -9,7 +9,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter
 from sqlalchemy import func, select
 
-from flows import dispatch, enroll, ingest, report
+from flows.dispatch import dispatch
+from flows.enroll import enroll
+from flows.ingest import ingest
+from flows.report import report
 from relance.store import touches
 from relance.workspace import Workspace
 from tests.conftest import at, database_url, write_workspace
@@ -19,7 +22,7 @@ pytestmark = pytest.mark.prefect
 CSV = (
     "email,first_name,last_name,company,phone,linkedin_url,timezone,country\n"
     "anne@alpha.example,Anne,Ädler,Alpha,+33612345001,linkedin.com/in/anne,Europe/Paris,FR\n"
-    "bob@beta.example,Bob,Brown,Beta,+447700900123,https://www.linkedin.com/in/bob/,Europe/London,GB\n"
+    "bob@beta.example,Bob,Brown,Beta,+447911123456,https://www.linkedin.com/in/bob/,Europe/London,GB\n"
     "broken@,Carl,Crash,Gamma,,,,FR\n"
 )
 
@@ -44,7 +47,7 @@ def test_enroll_dispatch_ingest_report_flows(root: Path):
 
     out = report(workspace=str(root))
     channels = {row["channel"]: row for row in out["rows"]}
-    assert channels["email"]["sent"] == 2 and channels["linkedin"]["invited"] == 2
+    assert channels["email"]["email_sent"] == 2 and channels["linkedin"]["linkedin_invited"] == 2
 
     ws = Workspace.load(root)
     with ws.store.connect() as conn:
