@@ -1,20 +1,20 @@
 # `make demo` and `make test` do all the set-up themselves: a virtual environment in .venv,
 # the package and its test extras, then the job. Needs only Python 3.11+ on the PATH.
-PYTHON ?= $(shell command -v python3.12 || command -v python3.11 || command -v python3)
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo $$p && break; done)
 VENV ?= .venv
-BIN := $(VENV)/bin
+BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo
-# The demo runs on a simulated clock: six weeks from a Monday in March 2027, across the
+# The demo runs on a simulated clock: five weeks from a Monday in March 2027, across the
 # switch to summer time (28 March) and Easter Monday (29 March, a French holiday).
 DEMO_START ?= 2027-03-15T07:00:00Z
-DEMO_WEEKS ?= 6
+DEMO_WEEKS ?= 5
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: demo test clean
 
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Relance needs Python 3.11 or newer (found %s)" % sys.version.split()[0])'
+	@test -n "$(PYTHON)" || { echo "Relance needs Python 3.11 or newer on the PATH" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
@@ -24,13 +24,13 @@ demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/relance init $(DEMO_DIR)
 	cd $(DEMO_DIR) && export PREFECT_HOME="$$PWD/.prefect" RELANCE_NOW=$(DEMO_START) && \
-	  ../$(BIN)/relance validate && \
-	  ../$(BIN)/relance import prospects/sample.csv && \
-	  ../$(BIN)/relance enroll cfo-outbound-fr --where language=fr && \
-	  ../$(BIN)/relance enroll saas-outbound-en --where language=en && \
-	  ../$(BIN)/relance simulate --weeks $(DEMO_WEEKS) && \
-	  ../$(BIN)/relance status && \
-	  ../$(BIN)/relance report
+	  $(BIN)/relance validate && \
+	  $(BIN)/relance import prospects/sample.csv && \
+	  $(BIN)/relance enroll cfo-outbound-fr --where language=fr && \
+	  $(BIN)/relance enroll saas-outbound-en --where language=en && \
+	  $(BIN)/relance simulate --weeks $(DEMO_WEEKS) && \
+	  $(BIN)/relance status && \
+	  $(BIN)/relance report
 
 test: $(STAMP)
 	PREFECT_HOME="$$PWD/.pytest_cache/prefect" $(BIN)/python -m pytest

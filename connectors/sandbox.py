@@ -53,6 +53,7 @@ DEFAULT_RATES: dict[str, float] = {
     "call.no_answer": 0.30,
     "call.wrong_number": 0.05,
     "call.meeting_booked_after_connected": 0.25,
+    "call.disqualified_after_connected": 0.20,  # BANT says not now: on_exit hands them to nurture
 }
 
 # Hours after the send (meeting_booked: after the reply or the connected call).
@@ -133,6 +134,8 @@ class SandboxSettings(BaseModel):
                     f"email.{child} ({rates[f'email.{child}']}) cannot exceed email.{parent} "
                     f"({rates[f'email.{parent}']}): every {child} email was {parent} first"
                 )
+        if rates["call.meeting_booked_after_connected"] + rates["call.disqualified_after_connected"] > 1 + eps:
+            raise ValueError("call.meeting_booked_after_connected + call.disqualified_after_connected cannot exceed 1")
         if sum(rates[f"call.{o}"] for o in CALL_OUTCOMES) <= 0:
             raise ValueError("at least one call outcome rate must be above 0")
         return rates
@@ -633,5 +636,9 @@ class SandboxCall(_Sandbox):
             point -= weight
         at = sim.at("call.outcome")
         sim.emit(CALL_OUTCOMES[outcome], at, outcome)
-        if outcome == "connected" and sim.draw("meeting_booked") < r["call.meeting_booked_after_connected"]:
-            sim.emit(EventKind.meeting_booked, sim.at("call.meeting_booked", base=at))
+        if outcome == "connected":
+            verdict = sim.draw("verdict")
+            if verdict < r["call.meeting_booked_after_connected"]:
+                sim.emit(EventKind.meeting_booked, sim.at("call.meeting_booked", base=at))
+            elif verdict < r["call.meeting_booked_after_connected"] + r["call.disqualified_after_connected"]:
+                sim.emit(EventKind.disqualified, sim.at("call.meeting_booked", base=at))

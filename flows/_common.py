@@ -9,7 +9,8 @@ from prefect.cache_policies import NO_CACHE
 
 from relance.workspace import Workspace
 
-# Touch batches are large and already persisted in the store: Prefect keeps no copy.
+# Touch batches are large and already persisted in the store: Prefect keeps no copy, and
+# callers wrap them in `quote()` so Prefect does not walk them looking for futures.
 TASK_OPTIONS = {"cache_policy": NO_CACHE, "persist_result": False}
 
 

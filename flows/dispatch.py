@@ -8,23 +8,20 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
+from prefect.utilities.annotations import quote
 
 from flows._common import TASK_OPTIONS, clock, open_workspace
 from relance.channels import OutboundTouch
 from relance.dispatch import Batch, Dispatcher, DispatchSummary
 from relance.events import Channel
 from relance.status import count_due
-
-
-@task(name="reconcile", **TASK_OPTIONS)
-def reconcile(dispatcher: Dispatcher, now: datetime) -> int:
-    return dispatcher.reconcile(now)
+from relance.workspace import Workspace
 
 
 @task(name="prepare-batch", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), **TASK_OPTIONS)
-def prepare_batch(dispatcher: Dispatcher, now: datetime) -> Batch:
-    """Claim a batch (leased) and decide each enrollment's touch."""
-    return dispatcher.prepare(dispatcher.claim(now), now)
+def prepare_batch(dispatcher: Dispatcher, enrollment_ids: list[int], now: datetime) -> Batch:
+    """Decide each claimed enrollment's touch; touches are written `sending` before any send."""
+    return dispatcher.prepare(enrollment_ids, now)
 
 
 @task(name="send-channel", task_run_name="send-{channel}", **TASK_OPTIONS)
@@ -35,38 +32,44 @@ def send_channel(dispatcher: Dispatcher, channel: Channel, outbound: list[Outbou
     return dispatcher.deliver(channel, outbound, now)
 
 
+def dispatch_due(ws: Workspace, now: datetime, max_batches: int | None = None) -> DispatchSummary:
+    """The body of a dispatch run: callable inside any flow (the `tick` flow reuses it)."""
+    logger = get_run_logger()
+    dispatcher = Dispatcher(ws)
+    dispatcher.reconcile(now)
+    due = count_due(ws, now)
+    total = DispatchSummary()
+    # A progress bar in the UI is worth its API calls only when the run has several batches.
+    progress = (
+        create_progress_artifact(progress=0.0, description=f"Dispatch at {now:%Y-%m-%d %H:%M} UTC: {due} due")
+        if due > dispatcher.batch_size
+        else None
+    )
+    batches = 0
+    while (max_batches is None or batches < max_batches) and (claimed := dispatcher.claim(now)):
+        batches += 1
+        batch = prepare_batch(quote(dispatcher), claimed, now)
+        total.merge(batch.summary)
+        futures = [send_channel.submit(quote(dispatcher), channel, quote(outbound), now) for channel, outbound in batch.outbound.items()]
+        for future in futures:
+            total.merge(future.result())
+        if progress is not None:
+            update_progress_artifact(progress, progress=min(100.0, 100.0 * total.claimed / max(due, 1)))
+    if progress is not None:
+        update_progress_artifact(progress, progress=100.0)
+    logger.info("dispatch at %s: %s", now.isoformat(), {k: v for k, v in total.as_dict().items() if k != "errors"})
+    for error in total.errors[:20]:
+        logger.warning(error)
+    if total.claimed:
+        create_markdown_artifact(markdown=_markdown(now, total.as_dict()), key="dispatch-summary", description="Last dispatch")
+    return total
+
+
 @flow(name="dispatch", log_prints=False)
 def dispatch(workspace: str = ".", now: datetime | None = None, max_batches: int | None = None) -> dict[str, Any]:
-    now = clock(now)
-    logger = get_run_logger()
     ws = open_workspace(workspace)
     try:
-        dispatcher = Dispatcher(ws)
-        reconcile(dispatcher, now)
-        due = count_due(ws, now)
-        total = DispatchSummary()
-        if not due:
-            return total.as_dict()
-        progress = create_progress_artifact(progress=0.0, description=f"Dispatch at {now:%Y-%m-%d %H:%M} UTC: {due} due")
-        batches = 0
-        while max_batches is None or batches < max_batches:
-            batch = prepare_batch(dispatcher, now)
-            if batch.summary.claimed == 0:
-                break
-            batches += 1
-            total.merge(batch.summary)
-            futures = [send_channel.submit(dispatcher, channel, outbound, now) for channel, outbound in batch.outbound.items()]
-            for future in futures:
-                total.merge(future.result())
-            update_progress_artifact(progress, progress=min(100.0, 100.0 * total.claimed / max(due, 1)))
-        update_progress_artifact(progress, progress=100.0)
-        summary = total.as_dict()
-        logger.info("dispatch at %s: %s", now.isoformat(), {k: v for k, v in summary.items() if k != "errors"})
-        for error in total.errors[:20]:
-            logger.warning(error)
-        if total.claimed:
-            create_markdown_artifact(markdown=_markdown(now, summary), key="dispatch-summary", description="Last dispatch")
-        return summary
+        return dispatch_due(ws, clock(now), max_batches).as_dict()
     finally:
         ws.close()
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from prefect.utilities.annotations import quote
+
 from flows._common import TASK_OPTIONS, clock, open_workspace
 from relance.channels import Capability
 from relance.events import Channel
@@ -24,17 +26,21 @@ def poll_channel(ws: Workspace, channel: Channel, now: datetime) -> IngestSummar
     return summary
 
 
+def ingest_due(ws: Workspace, now: datetime) -> IngestSummary:
+    """The body of an ingest run: one poll task per connector that polls."""
+    total = IngestSummary()
+    for channel in ws.config.connectors:
+        connector = ws.connector(Channel(channel))
+        if Capability.polling in type(connector).capabilities:
+            total.merge(poll_channel(quote(ws), Channel(channel), now))
+    get_run_logger().info("ingest at %s: %s", now.isoformat(), total.as_dict())
+    return total
+
+
 @flow(name="ingest", log_prints=False)
 def ingest(workspace: str = ".", now: datetime | None = None) -> dict[str, Any]:
-    now = clock(now)
     ws = open_workspace(workspace)
     try:
-        total = IngestSummary()
-        for channel in ws.config.connectors:
-            connector = ws.connector(Channel(channel))
-            if Capability.polling in type(connector).capabilities:
-                total.merge(poll_channel(ws, Channel(channel), now))
-        get_run_logger().info("ingest at %s: %s", now.isoformat(), total.as_dict())
-        return total.as_dict()
+        return ingest_due(ws, clock(now)).as_dict()
     finally:
         ws.close()

@@ -197,15 +197,11 @@ def _quiet_prefect() -> None:
 
 @app.command()
 def run(workspace: WorkspaceOpt = Path("."), at: AtOpt = None) -> None:
-    """One tick now: the ingest flow, then the dispatch flow."""
+    """One tick now: the tick flow ingests responses, then dispatches what is due."""
     _quiet_prefect()
-    from flows.dispatch import dispatch
-    from flows.ingest import ingest
+    from flows.tick import tick
 
-    now = _now(at)
-    ingested = ingest(workspace=str(workspace.resolve()), now=now)
-    dispatched = dispatch(workspace=str(workspace.resolve()), now=now)
-    console.print_json(data={"ingest": ingested, "dispatch": dispatched})
+    console.print_json(data=tick(workspace=str(workspace.resolve()), now=_now(at)))
 
 
 @app.command()
@@ -216,12 +212,11 @@ def simulate(
     workspace: WorkspaceOpt = Path("."),
     at: AtOpt = None,
 ) -> None:
-    """Run the real ingest and dispatch flows on a simulated clock, jumping over idle time."""
+    """Run the tick flow (ingest, then dispatch) on a simulated clock, jumping over idle time."""
     _quiet_prefect()
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    from flows.dispatch import dispatch
-    from flows.ingest import ingest
+    from flows.tick import tick
     from relance.simulation import Simulation
 
     ws = _workspace(workspace)
@@ -233,9 +228,7 @@ def simulate(
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err) as bar:
             job = bar.add_task("simulating", total=sim.span_seconds)
             for now in sim.ticks():
-                ingest(workspace=path, now=now)
-                summary = dispatch(workspace=path, now=now)
-                sim.record(now, summary)
+                sim.record(now, tick(workspace=path, now=now)["dispatch"])
                 bar.update(job, completed=(now - start).total_seconds(), description=f"simulated {now:%a %d %b %H:%M} UTC")
     console.print(
         f"simulated {weeks:g} week(s) in {sim.tick_count} ticks: "

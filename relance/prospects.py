@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import re
 import unicodedata
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -459,10 +459,10 @@ class _Row:
     raw: dict[str, str]
     values: dict[str, Any]
     derived: frozenset[str]
+    phone_key: tuple[str, str, str] | None = None
 
-    @property
-    def phone_key(self) -> tuple[str, str, str] | None:
-        return _phone_key(self.values)
+    def __post_init__(self) -> None:
+        self.phone_key = _phone_key(self.values)
 
 
 def _phone_key(values: Mapping[str, Any]) -> tuple[str, str, str] | None:
@@ -626,17 +626,14 @@ class _Import:
 
     def _write(self, conn: Connection, batch: Sequence[_Row]) -> _Outcome:
         """Match the batch against the store in one query, then insert and update in bulk."""
-        found = _Matches.lookup(conn, batch, full=True)
-        digests = {v: hash_identifier(v) for r in batch for v in (r.values["email"], r.values["linkedin_url"]) if v}
-        erased = set(
-            conn.scalars(
-                select(suppressions.c.value).where(
-                    suppressions.c.kind.in_(("email_sha256", "linkedin_sha256")),
-                    suppressions.c.reason == ERASED,
-                    suppressions.c.value.in_(set(digests.values())),
-                )
-            )
-        ) if digests else set()  # fmt: skip
+        found = _Matches.lookup(conn, batch)
+        erasures = (suppressions.c.kind.in_(("email_sha256", "linkedin_sha256")), suppressions.c.reason == ERASED)
+        digests: dict[str, str] = {}
+        erased: set[str] = set()
+        if conn.scalar(select(suppressions.c.id).where(*erasures).limit(1)) is not None:  # hashing costs
+            digests = {v: hash_identifier(v) for r in batch for v in (r.values["email"], r.values["linkedin_url"]) if v}
+            query = select(suppressions.c.value).where(*erasures, suppressions.c.value.in_(set(digests.values())))
+            erased = set(conn.scalars(query))
 
         out = _Outcome()
         accepted: list[tuple[_Row, int | None]] = []  # None: inserted, id known after the insert
@@ -657,9 +654,7 @@ class _Import:
                 continue
             pid = id_email or id_linkedin or found.by_phone.get(row.phone_key)
             if pid is None:
-                inserts.append(
-                    {**v, "source": self.source, "created_at": self.now, "updated_at": self.now, "erased_at": None}
-                )
+                inserts.append({**v, "source": self.source, "created_at": self.now, "updated_at": self.now})
                 out.imported += 1
                 accepted.append((row, None))
             elif pid in self.touched or pid in out.touched:
@@ -674,13 +669,14 @@ class _Import:
                     updates.append({"_id": pid, **merged, "updated_at": self.now})
         if updates:
             conn.execute(update(prospects).where(prospects.c.id == bindparam("_id")), updates)
+        new = _Matches()
         if inserts:
-            # Plain executemany: psycopg pipelines it. INSERT..RETURNING for 1000 rows is a
-            # 17,000-parameter statement that psycopg parses slowly, so ids are read back instead.
-            conn.execute(insert(prospects), inserts)
-            new = _Matches.lookup(conn, [row for row, pid in accepted if pid is None], full=False)
-        for row, pid in accepted:
-            out.ids.append(pid if pid is not None else new.id_of(row))
+            # RETURNING makes SQLAlchemy send multi-row INSERTs (insertmanyvalues). The rows come
+            # back in no set order (asking for one makes SQLite insert row by row), so the new
+            # ids are matched to rows by their identifying columns.
+            stmt = insert(prospects).returning(*_Matches.COLUMNS)
+            new = _Matches.index(conn.execute(stmt, inserts).mappings())
+        out.ids = [pid if pid is not None else new.id_of(row) for row, pid in accepted]
         return out
 
 
@@ -693,28 +689,37 @@ class _Matches:
     by_linkedin: dict[str | None, int] = field(default_factory=dict)
     by_phone: dict[tuple[str, str, str] | None, int] = field(default_factory=dict)
 
+    COLUMNS = (
+        prospects.c.id, prospects.c.email, prospects.c.linkedin_url, prospects.c.phone,
+        prospects.c.first_name, prospects.c.last_name,
+    )  # fmt: skip
+
     @classmethod
-    def lookup(cls, conn: Connection, batch: Sequence[_Row], *, full: bool) -> _Matches:
+    def lookup(cls, conn: Connection, batch: Sequence[_Row]) -> _Matches:
         """One SELECT; the phone clause only for call-list rows, since phone has no index."""
         emails = [r.values["email"] for r in batch if r.values["email"]]
         linkedins = [r.values["linkedin_url"] for r in batch if r.values["linkedin_url"]]
         phones = [key[0] for r in batch if (key := r.phone_key)]
-        matches = cls()
         if not (emails or linkedins or phones):
-            return matches
+            return cls()
         c = prospects.c
         clauses = [c.email.in_(emails), c.linkedin_url.in_(linkedins)]
         if phones:
             clauses.append(and_(c.phone.in_(phones), c.email.is_(None), c.linkedin_url.is_(None)))
-        columns = [prospects] if full else [c.id, c.email, c.linkedin_url, c.phone, c.first_name, c.last_name]
-        for found in conn.execute(select(*columns).where(or_(*clauses))).mappings():
-            pid = found["id"]
-            matches.rows[pid] = dict(found)
-            if found["email"]:
-                matches.by_email[found["email"]] = pid
-            if found["linkedin_url"]:
-                matches.by_linkedin[found["linkedin_url"]] = pid
-            if (key := _phone_key(found)) and pid > matches.by_phone.get(key, 0):
+        return cls.index(conn.execute(select(prospects).where(or_(*clauses))).mappings(), keep=True)
+
+    @classmethod
+    def index(cls, found: Iterable[Mapping[str, Any]], *, keep: bool = False) -> _Matches:
+        matches = cls()
+        for row in found:
+            pid = row["id"]
+            if keep:
+                matches.rows[pid] = dict(row)
+            if row["email"]:
+                matches.by_email[row["email"]] = pid
+            if row["linkedin_url"]:
+                matches.by_linkedin[row["linkedin_url"]] = pid
+            if (key := _phone_key(row)) and pid > matches.by_phone.get(key, 0):
                 matches.by_phone[key] = pid  # the newest, should older call-list twins exist
         return matches
 

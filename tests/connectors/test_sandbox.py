@@ -404,6 +404,10 @@ def test_every_call_gets_exactly_one_outcome_at_the_call_time(tmp_path):
     assert meetings <= connected
     p = DEFAULT_RATES["call.meeting_booked_after_connected"]
     assert abs(len(meetings) / len(connected) - p) <= tolerance(p, len(connected))
+    disqualified = {e.idempotency_key for e in events if e.kind == EventKind.disqualified}
+    assert disqualified <= connected and not disqualified & meetings
+    p = DEFAULT_RATES["call.disqualified_after_connected"]
+    assert abs(len(disqualified) / len(connected) - p) <= tolerance(p, len(connected))
 
 
 def test_rate_overrides_change_only_their_own_decisions(tmp_path):
