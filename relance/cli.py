@@ -22,7 +22,12 @@ from rich.table import Table
 
 from relance.errors import RelanceError, UserInputError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Relance: code-first multichannel prospecting cadences.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,  # a user error is one line (main); a bug keeps its plain traceback
+    help="Relance: code-first multichannel prospecting cadences.",
+)
 tasks_app = typer.Typer(no_args_is_help=False, help="The SDR's task inbox (manual calls, LinkedIn actions, tasks).")
 app.add_typer(tasks_app, name="tasks")
 console = Console()
@@ -413,7 +418,8 @@ def main() -> None:
     try:
         app()
     except RelanceError as exc:
-        _fail(str(exc))
+        err.print(f"[red]error[/]: {exc}", markup=True, highlight=False)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

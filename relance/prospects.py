@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import re
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,7 +29,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from relance.errors import ProspectError
 from relance.store import Store, enrollments, prospects, suppressions, tasks, touches
-from relance.suppression import ERASED, hash_identifier, suppress
+from relance.suppression import ERASED, HASHED_KINDS, fold_name, hash_identifier, phone_identity, suppress
 
 # ---------------------------------------------------------------------------------------------
 # Columns
@@ -54,10 +53,7 @@ _TEXT_FIELDS = ("first_name", "last_name", "company", "title")
 _MAX_LEN = {c.name: c.type.length for c in prospects.columns if getattr(c.type, "length", None)}
 
 
-def _fold(text: str) -> str:
-    """Accent-, case- and punctuation-insensitive form of a header or a name."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+_fold = fold_name  # accent- and case-insensitive: `Prénom`, `PRENOM` and `prenom` are one header
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +89,12 @@ def _value(row: Mapping[str, Any], cols: _Columns, name: str) -> tuple[str, str]
 # Values
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_INVISIBLE = re.compile(r"[\u202a-\u202e\u2066-\u2069\ufeff]")  # bidi overrides reorder what a reader sees
 
 
 def _clean(value: str) -> str:
     """Control characters (CR, LF, tab, NUL...) become a space: they could split a header line."""
-    return _CONTROL.sub(" ", value).strip()
+    return _CONTROL.sub(" ", _INVISIBLE.sub("", value)).strip()
 
 
 # A plain ASCII dot-atom local part, which email_validator always accepts: for these only the
@@ -161,7 +158,7 @@ def normalise_phone(raw: str, region: str) -> phonenumbers.PhoneNumber:
     return number
 
 
-_LINKEDIN_HOST = re.compile(r"(?:www\.|[a-z]{2,3}\.)?linkedin\.com")
+_LINKEDIN_HOST = re.compile(r"(?:www\.|m\.|[a-z]{2,3}\.)?linkedin\.com")
 _SLUG = re.compile(r"[\w-]+")
 
 
@@ -321,90 +318,53 @@ def account_key(email: str | None, company: str | None) -> str | None:
 # A row
 
 
+def _parsed(row: Mapping[str, Any], cols: _Columns, name: str, parse: Callable[[str], Any]) -> tuple[Any, str]:
+    """(parsed value or None when empty, its column); a parse error names the column."""
+    raw, column = _value(row, cols, name)
+    if not raw:
+        return None, column
+    try:
+        return parse(raw), column
+    except ValueError as exc:
+        raise ProspectError(str(exc), key=column) from None
+
+
 def _normalise(
     row: Mapping[str, Any], cols: _Columns, default_country: str, default_timezone: str
 ) -> tuple[dict[str, Any], frozenset[str]]:
     """(values for `prospects`, the fields that were derived rather than given)."""
-
-    def fail(message: str, column: str | None) -> ProspectError:
-        return ProspectError(message, key=column)
-
     derived: set[str] = set()
-    raw, column = _value(row, cols, "country")
-    country = None
-    if raw:
-        try:
-            country = normalise_country(raw)
-        except ValueError as exc:
-            raise fail(str(exc), column) from None
-
-    raw, column = _value(row, cols, "email")
-    email = None
-    if raw:
-        try:
-            email = normalise_email(raw)
-        except ValueError as exc:
-            raise fail(str(exc), column) from None
-
-    raw, column = _value(row, cols, "phone")
-    number = phone = None
-    if raw:
-        try:
-            number = normalise_phone(raw, country or default_country)
-        except ValueError as exc:
-            raise fail(str(exc), column) from None
-        phone = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
-
-    raw, column = _value(row, cols, "linkedin_url")
-    linkedin = None
-    if raw:
-        try:
-            linkedin = normalise_linkedin_url(raw)
-        except ValueError as exc:
-            raise fail(str(exc), column) from None
-        if len(linkedin) > _MAX_LEN["linkedin_url"]:
-            raise fail("LinkedIn URL too long", column)
+    country, _ = _parsed(row, cols, "country", normalise_country)
+    email, _ = _parsed(row, cols, "email", normalise_email)
+    number, _ = _parsed(row, cols, "phone", lambda raw: normalise_phone(raw, country or default_country))
+    phone = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164) if number else None
+    linkedin, column = _parsed(row, cols, "linkedin_url", normalise_linkedin_url)
+    if linkedin and len(linkedin) > _MAX_LEN["linkedin_url"]:
+        raise ProspectError("LinkedIn URL too long", key=column)
 
     if country is None:
         derived.add("country")
         region = phonenumbers.region_code_for_number(number) if number else None
         country = region if region in phonenumbers.SUPPORTED_REGIONS else default_country
-
-    raw, column = _value(row, cols, "timezone")
-    if raw:
-        try:
-            zone = normalise_timezone(raw)
-        except ValueError as exc:
-            raise fail(str(exc), column) from None
-    else:
+    zone, _ = _parsed(row, cols, "timezone", normalise_timezone)
+    if zone is None:
         derived.add("timezone")
         zone = (number and _phone_timezone(number, country)) or country_timezone(country) or default_timezone
-
-    raw, column = _value(row, cols, "language")
-    language = None
-    if raw:
-        try:
-            language = normalise_language(raw)
-        except ValueError as exc:
-            raise fail(str(exc), column) from None
+    language, _ = _parsed(row, cols, "language", normalise_language)
 
     values: dict[str, Any] = {"email": email, "phone": phone, "linkedin_url": linkedin}
     for name in _TEXT_FIELDS:
         raw, column = _value(row, cols, name)
         text = _clean(raw) or None
         if text and len(text) > _MAX_LEN[name]:
-            raise fail(f"too long ({len(text)} characters, at most {_MAX_LEN[name]})", column)
+            raise ProspectError(f"too long ({len(text)} characters, at most {_MAX_LEN[name]})", key=column)
         values[name] = text
-
     if not (email or phone or linkedin):
-        raise fail("needs an email, a LinkedIn URL or a phone number", None)
+        raise ProspectError("needs an email, a LinkedIn URL or a phone number", key=None)
     if not (values["first_name"] or values["last_name"]):
-        raise fail("needs a first name or a last name", _value(row, cols, "first_name")[1])
+        raise ProspectError("needs a first name or a last name", key=_value(row, cols, "first_name")[1])
 
-    attributes = {}
-    for header, name in cols.extras:
-        value = row.get(header)
-        attributes[name] = _clean(str(value)) if value is not None else ""
+    attributes = {name: _clean(str(row.get(header) or "")) for header, name in cols.extras}
     values.update(
         account_key=account_key(email, values["company"]),
         timezone=zone,
@@ -423,7 +383,11 @@ def normalise_row(
     Raises ProspectError(key=<the row's column>) for the first problem found.
     """
     cols = _columns(tuple(k for k in row if isinstance(k, str)))
-    return _normalise(row, cols, default_country, default_timezone)[0]
+    try:
+        defaults = normalise_country(default_country), normalise_timezone(default_timezone)
+    except ValueError as exc:
+        raise ProspectError(str(exc), key="default") from None
+    return _normalise(row, cols, *defaults)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,17 +423,23 @@ class _Row:
     raw: dict[str, str]
     values: dict[str, Any]
     derived: frozenset[str]
-    phone_key: tuple[str, str, str] | None = None
+    phone_key: str | None = None
 
     def __post_init__(self) -> None:
         self.phone_key = _phone_key(self.values)
 
 
-def _phone_key(values: Mapping[str, Any]) -> tuple[str, str, str] | None:
-    """Who a call-list row (a phone, no email, no LinkedIn) is: the number alone may be a switchboard."""
+def _phone_key(values: Mapping[str, Any]) -> str | None:
+    """What identifies a call-list row (a phone, no email, no LinkedIn): number and name."""
     if values["email"] or values["linkedin_url"] or not values["phone"]:
         return None
-    return values["phone"], _fold(values["first_name"] or ""), _fold(values["last_name"] or "")
+    return phone_identity(values["phone"], values["first_name"], values["last_name"])
+
+
+def _identities(values: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """What an erasure hashes: email, LinkedIn URL, phone with name."""
+    phone = values["phone"] and phone_identity(values["phone"], values["first_name"], values["last_name"])
+    return values["email"], values["linkedin_url"], phone
 
 
 def _open_csv(path: Path) -> tuple[Iterator[list[str]], Any, str]:
@@ -627,13 +597,13 @@ class _Import:
     def _write(self, conn: Connection, batch: Sequence[_Row]) -> _Outcome:
         """Match the batch against the store in one query, then insert and update in bulk."""
         found = _Matches.lookup(conn, batch)
-        erasures = (suppressions.c.kind.in_(("email_sha256", "linkedin_sha256")), suppressions.c.reason == ERASED)
-        digests: dict[str, str] = {}
+        erasures = (suppressions.c.kind.in_(HASHED_KINDS), suppressions.c.reason == ERASED)
+        digests: dict[int, list[str]] = {}
         erased: set[str] = set()
         if conn.scalar(select(suppressions.c.id).where(*erasures).limit(1)) is not None:  # hashing costs
-            digests = {v: hash_identifier(v) for r in batch for v in (r.values["email"], r.values["linkedin_url"]) if v}
-            query = select(suppressions.c.value).where(*erasures, suppressions.c.value.in_(set(digests.values())))
-            erased = set(conn.scalars(query))
+            digests = {id(r): [hash_identifier(v) for v in _identities(r.values) if v] for r in batch}
+            wanted = {h for hashes in digests.values() for h in hashes}
+            erased = set(conn.scalars(select(suppressions.c.value).where(*erasures, suppressions.c.value.in_(wanted))))
 
         out = _Outcome()
         accepted: list[tuple[_Row, int | None]] = []  # None: inserted, id known after the insert
@@ -642,7 +612,7 @@ class _Import:
         for row in batch:
             v = row.values
             email, linkedin = v["email"], v["linkedin_url"]
-            if erased and (digests.get(email) in erased or digests.get(linkedin) in erased):
+            if erased and not erased.isdisjoint(digests[id(row)]):
                 out.rejected.append((row, "erased on request", None))
                 continue
             id_email, id_linkedin = found.by_email.get(email), found.by_linkedin.get(linkedin)
@@ -687,7 +657,7 @@ class _Matches:
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)
     by_email: dict[str | None, int] = field(default_factory=dict)
     by_linkedin: dict[str | None, int] = field(default_factory=dict)
-    by_phone: dict[tuple[str, str, str] | None, int] = field(default_factory=dict)
+    by_phone: dict[str | None, int] = field(default_factory=dict)
 
     COLUMNS = (
         prospects.c.id, prospects.c.email, prospects.c.linkedin_url, prospects.c.phone,
@@ -699,7 +669,7 @@ class _Matches:
         """One SELECT; the phone clause only for call-list rows, since phone has no index."""
         emails = [r.values["email"] for r in batch if r.values["email"]]
         linkedins = [r.values["linkedin_url"] for r in batch if r.values["linkedin_url"]]
-        phones = [key[0] for r in batch if (key := r.phone_key)]
+        phones = [r.values["phone"] for r in batch if r.phone_key]
         if not (emails or linkedins or phones):
             return cls()
         c = prospects.c
@@ -796,17 +766,19 @@ def erase_prospect(conn: Connection, prospect_id: int, now: datetime) -> bool:
 
     What identified the person goes (email, names, title, phone, LinkedIn, attributes, the
     recipient and subject of their touches, their task texts); company, country and zone
-    stay as report dimensions. A SHA-256 of the email and LinkedIn URL is kept as a
-    suppression so a later import of the same person is refused. Their cadences end.
+    stay as report dimensions. SHA-256s of the email, the LinkedIn URL and the phone with the
+    name are kept as suppressions so a later import of the same person is refused. Their
+    cadences end.
     """
     row = conn.execute(
-        select(prospects.c.email, prospects.c.linkedin_url, prospects.c.erased_at).where(prospects.c.id == prospect_id)
-    ).first()
+        select(prospects.c.email, prospects.c.linkedin_url, prospects.c.phone, prospects.c.first_name,
+               prospects.c.last_name, prospects.c.erased_at).where(prospects.c.id == prospect_id)
+    ).first()  # fmt: skip
     if row is None:
         raise ProspectError(f"no prospect #{prospect_id}", key="id")
     if row.erased_at is not None:
         return False
-    for kind, value in (("email_sha256", row.email), ("linkedin_sha256", row.linkedin_url)):
+    for kind, value in zip(HASHED_KINDS, _identities(row._mapping)):
         if value:
             digest = hash_identifier(value)
             if not suppress(conn, kind, digest, ERASED, source=f"erasure of prospect #{prospect_id}", now=now):

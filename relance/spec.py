@@ -340,18 +340,43 @@ def parse_sequence(text: str, filename: str) -> Sequence:
         seq = Sequence.model_validate(data)
     except ValidationError as exc:
         problems = []
-        for err in exc.errors():
+        errors = exc.errors()
+        item_paths = {tuple(e["loc"][:1]) for e in errors if len(e["loc"]) > 1 and isinstance(e["loc"][1], int)}
+        for err in errors:
+            if err["type"] == "too_short" and tuple(err["loc"]) in item_paths:
+                continue  # the list is "empty" only because its items failed: those errors say why
             path = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
             message = err["msg"].removeprefix("Value error, ")
             ctx_error = (err.get("ctx") or {}).get("error")
             if isinstance(ctx_error, _Located):
                 path = path + ctx_error.path
                 message = str(ctx_error)
+            if err["type"] == "extra_forbidden" and (allowed := _allowed_keys(path[:-1])):
+                message = f"unknown key {path[-1]!r}; allowed here: {', '.join(allowed)}"
             key = ".".join(str(p) for p in path) or None
             problems.append(SpecError(message, file=filename, line=line_of(lines, path), key=key))
         raise SpecInvalid(problems) from None
     version = hashlib.sha256(text.encode()).hexdigest()[:12]
     return seq.model_copy(update={"source": filename, "version": version})
+
+
+def _allowed_keys(path: tuple[str | int, ...]) -> list[str]:
+    """The keys a mapping at `path` may have, by walking the models' annotations."""
+    import typing
+
+    model: Any = Sequence
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        inner = [a for c in candidates for a in (c, *typing.get_args(c)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return []
+        model = inner[0]
+    return [name for name, f in model.model_fields.items() if not f.exclude]
 
 
 _UNION_TAGS = {"function-before[_parse_text(), Wait]", "int", "str"}

@@ -2,15 +2,17 @@
 
 Dispatch checks a whole batch in one query before sending, so an opt-out takes effect before
 the next send. Bounces, complaints and opt-outs are permanent: there is no `unsuppress`, and
-an import never removes a suppression. A prospect erased on request leaves only a SHA-256 of
-their email or LinkedIn URL (kinds `email_sha256`, `linkedin_sha256`), so a later import of
-the same person is refused without the store keeping who they were.
+an import never removes a suppression. A prospect erased on request leaves only SHA-256s
+(kinds `email_sha256`, `linkedin_sha256`, and `phone_sha256` of the phone *with the name*, as
+a switchboard number is shared), so a later import of the same person is refused without the
+store keeping who they were.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -22,17 +24,31 @@ from sqlalchemy.exc import IntegrityError
 
 from relance.store import suppressions, utcnow
 
-KINDS = ("email", "domain", "phone", "linkedin", "email_sha256", "linkedin_sha256")
+KINDS = ("email", "domain", "phone", "linkedin", "email_sha256", "linkedin_sha256", "phone_sha256")
+HASHED_KINDS = ("email_sha256", "linkedin_sha256", "phone_sha256")
 ERASED = "erased"  # the reason of the hash left by erase_prospect
 # When several suppressions match one prospect, the most specific one is reported.
-_PRIORITY = {kind: rank for rank, kind in enumerate(("email", "email_sha256", "linkedin", "linkedin_sha256", "phone", "domain"))}
+_SPECIFICITY = ("email", "email_sha256", "linkedin", "linkedin_sha256", "phone", "phone_sha256", "domain")
+_PRIORITY = {kind: rank for rank, kind in enumerate(_SPECIFICITY)}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 500  # prospects per query: ~8 bind values each stays far below both backends' limits
 
 
 def hash_identifier(value: str) -> str:
-    """The SHA-256 that stands for an email or LinkedIn URL once the person is erased."""
+    """The SHA-256 that stands for an email, a LinkedIn URL or a phone_identity once erased."""
     return hashlib.sha256(value.strip().lower().encode()).hexdigest()
+
+
+def fold_name(text: str) -> str:
+    """Accent- and case-insensitive: `Élodie` and `ELODIE` are one name."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def phone_identity(phone: str, first_name: str | None, last_name: str | None) -> str:
+    """Who a phone number stands for: the number alone may be a switchboard shared by many."""
+    names = (" ".join(fold_name(name or "").split()) for name in (first_name, last_name))
+    return "|".join((phone, *names))
 
 
 def normalise_value(kind: str, value: str) -> str:
@@ -139,14 +155,17 @@ def _identifiers(prospect: Mapping[str, Any]) -> list[tuple[str, str]]:
     phone = (prospect.get("phone") or "").strip()
     if phone:
         keys.append(("phone", phone))
+        identity = phone_identity(phone, prospect.get("first_name"), prospect.get("last_name"))
+        keys.append(("phone_sha256", hash_identifier(identity)))
     return keys
 
 
 def suppressed_ids(conn: Connection, prospects: Sequence[Mapping[str, Any]]) -> dict[int, str]:
     """{prospect id: why} for the suppressed ones among a batch, one query per 500 prospects.
 
-    Accepts mappings or SQLAlchemy rows with `id`, `email`, `phone`, `linkedin_url`. The
-    reason reads like "unsubscribed (email)": the stored reason and the kind that matched.
+    Accepts mappings or SQLAlchemy rows with `id`, `email`, `phone`, `linkedin_url` (and the
+    names, for the `phone_sha256` an erasure leaves). The reason reads like
+    "unsubscribed (email)": the stored reason and the kind that matched.
     """
     found: dict[int, tuple[int, str]] = {}
     for start in range(0, len(prospects), _CHUNK):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -14,6 +15,8 @@ from relance.rendering import Renderer
 from relance.spec import Sequence, load_sequence
 from relance.store import Store, database_url
 
+_STORE_LOCK = threading.RLock()
+
 
 @dataclass
 class Workspace:
@@ -22,6 +25,7 @@ class Workspace:
     sequences: dict[str, Sequence]
     problems: list[UserInputError] = field(default_factory=list)  # cadence files that did not load
     _connectors: dict[Channel, Connector] = field(default_factory=dict, repr=False)
+    _store: Store | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, root: Path | str = ".") -> "Workspace":
@@ -38,9 +42,12 @@ class Workspace:
     def renderer(self) -> Renderer:
         return Renderer(self.templates_dir)
 
-    @cached_property
+    @property
     def store(self) -> Store:
-        return Store(database_url(self.config.database, self.root))
+        with _STORE_LOCK:  # the web app's threads and a flow's task threads share one workspace
+            if self._store is None:
+                self._store = Store(database_url(self.config.database, self.root))
+            return self._store
 
     @property
     def database_url(self) -> str:
@@ -66,8 +73,9 @@ class Workspace:
         for connector in self._connectors.values():
             connector.close()
         self._connectors.clear()
-        if "store" in self.__dict__:
-            self.store.dispose()
+        if self._store is not None:
+            self._store.dispose()
+            self._store = None
 
 
 def load_sequences(directory: Path) -> tuple[dict[str, Sequence], list[UserInputError]]:

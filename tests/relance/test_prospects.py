@@ -18,7 +18,7 @@ from relance.prospects import (
     normalise_row,
 )
 from relance.store import Store, enrollments, make_engine, prospects, suppressions, touches
-from relance.suppression import hash_identifier, list_suppressions, suppress, suppressed_ids
+from relance.suppression import hash_identifier, list_suppressions, phone_identity, suppress, suppressed_ids
 
 PG_URL = os.environ.get("RELANCE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
@@ -358,19 +358,23 @@ def test_erased_prospect_is_blanked_and_not_recreated_by_reimport(store: Store, 
         assert kept == {
             ("email_sha256", hash_identifier("jean@acme.fr")),
             ("linkedin_sha256", hash_identifier("https://www.linkedin.com/in/jean-dupont")),
+            ("phone_sha256", hash_identifier(phone_identity("+33612345678", "Jean", "Dupont"))),
         }
         assert find_prospects(conn, where={"company": "Acme"}) != [jean_id]
 
     for content in (
         "email,first_name\nJean@Acme.fr,Jean\n",
         "linkedin,first_name\nhttps://fr.linkedin.com/in/Jean-Dupont/,Jean\n",
+        "Téléphone;Prénom;Nom\n06 12 34 56 78;JEAN;Dupont\n",  # a call list: number and name
     ):
         report = import_csv(store, write(tmp_path, content, name="again.csv"), now=later)
         assert [(r.row_number, r.reason) for r in report.rejected] == [(2, "erased on request")]
         assert report.imported == report.updated == 0
-    assert len(all_prospects(store)) == 2
+    report = import_csv(store, write(tmp_path, "Téléphone;Prénom;Nom\n06 12 34 56 78;Marie;Curie\n"), now=later)
+    assert report.imported == 1  # the same number, someone else: switchboards are shared
+    assert len(all_prospects(store)) == 3
     with store.connect() as conn:
-        assert conn.scalar(select(func.count()).select_from(prospects).where(prospects.c.email.is_(None))) == 1
+        assert conn.scalar(select(func.count()).select_from(prospects).where(prospects.c.erased_at.isnot(None))) == 1
 
 
 def test_find_prospects(store: Store, tmp_path: Path) -> None:
@@ -524,3 +528,47 @@ def test_header_spellings_and_first_non_empty_phone_column() -> None:
     assert (values["first_name"], values["last_name"], values["title"], values["company"]) == ("Ana", "B", "DAF", "Acme")
     assert values["phone"] == "+33612345678"
     assert values["attributes"] == {}
+
+
+def test_phone_shortcut_agrees_with_phonenumbers_parse() -> None:
+    """normalise_phone builds common shapes directly; it must read them as parse() does."""
+    import random
+
+    import phonenumbers
+
+    from relance.prospects import normalise_phone
+
+    def reference(raw: str, region: str) -> str | None:
+        try:
+            number = phonenumbers.parse(raw, region)
+        except phonenumbers.NumberParseException:
+            return None
+        return phonenumbers.format_number(number, 0) if phonenumbers.is_valid_number(number) else None
+
+    def ours(raw: str, region: str) -> str | None:
+        try:
+            return phonenumbers.format_number(normalise_phone(raw, region), 0)
+        except ValueError:
+            return None
+
+    rnd = random.Random(7)
+    regions = ["FR", "GB", "BE", "CH", "DE", "NL", "AT", "IE", "PT", "ES", "IT", "US", "CA", "LU", "MC", "JP"]
+    cases = []
+    for region in regions:
+        for kind in (phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE):
+            example = phonenumbers.example_number_for_type(region, kind)
+            for fmt in (0, 1, 2):  # E.164, international, national
+                text = phonenumbers.format_number(example, fmt)
+                cases.append((text, region))
+                for _ in range(40):  # one digit changed: often invalid, sometimes another number
+                    pos = rnd.choice([i for i, c in enumerate(text) if c.isdigit()])
+                    cases.append((text[:pos] + str(rnd.randrange(10)) + text[pos + 1 :], region))
+    cases += [("+33 (0)6 12 34 56 78", "FR"), ("0033 6 12 34 56 78", "FR"), ("+0612345678", "FR"),
+              ("+1 1 212 555 0123", "US"), ("+39 06 1234 5678", "IT"), ("06.12.34.56.78", "FR")]  # fmt: skip
+    for raw, region in cases:
+        assert ours(raw, region) == reference(raw, region), (raw, region)
+
+
+def test_invisible_direction_overrides_are_removed() -> None:
+    values = norm(email="a@acme.fr", first_name="Jean\u202eenoD\u202c", company="\ufeffAcme")
+    assert (values["first_name"], values["company"]) == ("JeanenoD", "Acme")

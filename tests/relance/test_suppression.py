@@ -15,6 +15,7 @@ from relance.suppression import (
     hash_identifier,
     is_suppressed,
     list_suppressions,
+    phone_identity,
     suppress,
     suppress_many,
     suppressed_ids,
@@ -118,6 +119,8 @@ def test_suppressed_ids_checks_a_batch_in_one_query(store: Store) -> None:
         {"id": 6, "email": "clean@initech.fr", "phone": "+33698765432", "linkedin_url": None},
         {"id": 7, "email": None, "phone": None, "linkedin_url": None},
         {"id": 8, "email": "jean@acme.fr", "phone": "+33612345678", "linkedin_url": None},  # email wins
+        {"id": 9, "phone": "+33140000000", "first_name": "Élodie", "last_name": "Martin"},  # erased caller
+        {"id": 10, "phone": "+33140000000", "first_name": "Paul", "last_name": "Martin"},  # same switchboard
     ]
     with store.begin() as conn:
         suppress(conn, "email", "jean@acme.fr", "unsubscribed", now=NOW)
@@ -126,6 +129,8 @@ def test_suppressed_ids_checks_a_batch_in_one_query(store: Store) -> None:
         suppress(conn, "linkedin", "linkedin.com/in/Marie/", "asked", now=NOW)
         suppress(conn, "email_sha256", hash_identifier("ERASED@acme.fr"), "erased", now=NOW)
         suppress(conn, "domain", "initech.com", "competitor", now=NOW)  # not initech.fr
+        identity = phone_identity("+33140000000", "ELODIE", "martin")
+        suppress(conn, "phone_sha256", hash_identifier(identity), "erased", now=NOW)
     seen, stop = count_selects(store)
     try:
         with store.connect() as conn:
@@ -140,6 +145,7 @@ def test_suppressed_ids_checks_a_batch_in_one_query(store: Store) -> None:
         4: "asked (linkedin)",
         5: "erased (email_sha256)",
         8: "unsubscribed (email)",
+        9: "erased (phone_sha256)",
     }
 
 
