@@ -173,9 +173,6 @@ def erase(
 ) -> None:
     """Erase a prospect's personal data (GDPR); reports stay correct, re-imports are refused."""
     from relance.prospects import erase_prospect, find_prospects
-    from relance.rules import finish_enrollments
-    from relance.store import enrollments
-    from sqlalchemy import select
 
     ws = _workspace(workspace)
     now = _now(at)
@@ -183,10 +180,8 @@ def erase(
         ids = find_prospects(conn, emails=[email])
         if not ids:
             _fail(f"no prospect with email {email}")
-        active = conn.scalars(select(enrollments.c.id).where(enrollments.c.prospect_id.in_(ids))).all()
-        finish_enrollments(conn, ws, active, "erased", "personal data erased on request", now)
         for pid in ids:
-            erase_prospect(conn, pid, now)
+            erase_prospect(conn, pid, now)  # ends their cadences; events stay for the reports
     console.print(f"erased {email}")
 
 

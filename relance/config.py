@@ -82,7 +82,6 @@ class Config(_Model):
     web: Web = Web()
     dispatch: Dispatch = Dispatch()
     schedules: Schedules = Schedules()
-    retention_days: int = Field(default=1095, ge=1)
 
     @field_validator("senders")
     @classmethod

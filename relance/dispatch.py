@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import bindparam, case, func, insert, or_, select, update
 
 from relance.channels import Capability, OutboundTouch, Sender, SendResult
 from relance.conditions import evaluate
@@ -666,8 +666,6 @@ class _Capacity:
 
 
 def _case(condition: Any) -> Any:
-    from sqlalchemy import case
-
     return case((condition, 1), else_=0)
 
 

@@ -17,7 +17,8 @@ from sqlalchemy import or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from relance import rules
-from relance.channels import InboundEvent
+from relance.channels import Capability, InboundEvent
+from relance.events import Channel
 from relance.store import events, prospects, touches
 from relance.workspace import Workspace
 
@@ -146,9 +147,6 @@ def _prospect_by_recipient(conn: Any, recipient: str | None) -> int | None:
 
 def poll_all(ws: Workspace, now: datetime) -> IngestSummary:
     """Poll every configured connector that polls, and ingest what they return."""
-    from relance.channels import Capability
-    from relance.events import Channel
-
     summary = IngestSummary()
     for channel in ws.config.connectors:
         connector = ws.connector(Channel(channel))

@@ -74,3 +74,15 @@ def test_a_user_error_is_one_clear_line_and_exit_status_1(example_workspace: Pat
         main()
     assert exit_.value.code == 1
     assert "unknown sequence 'no-such-sequence'" in capsys.readouterr().err
+
+
+def test_erase_ends_the_cadence_and_a_reimport_is_refused(cli, example_workspace: Path):
+    sample = str(example_workspace / "prospects" / "sample.csv")
+    cli("import", sample)
+    cli("enroll", "cfo-outbound-fr", "--where", "language=fr")
+    assert "erased ines.fabre@injection-lab.example" in cli("erase", "ines.fabre@injection-lab.example").output
+    assert "'exited': 1" in cli("status").output
+    out = cli("import", sample).output
+    assert "erased on request" in out
+    gone = cli("preview", "cfo-outbound-fr", "--prospect", "ines.fabre@injection-lab.example", ok=False)
+    assert gone.exit_code == 1 and "no prospect with email" in gone.output

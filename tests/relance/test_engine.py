@@ -10,7 +10,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select
 
 from relance.channels import InboundEvent
 from relance.dispatch import Dispatcher
@@ -19,7 +19,7 @@ from relance.events import Channel, EventKind
 from relance.inbox import complete_task, open_tasks
 from relance.ingest import ingest, poll_all
 from relance.planning import pick_variant
-from relance.store import enrollments, events, prospects, tasks, touches
+from relance.store import enrollments, events, prospects, touches
 from relance.suppression import suppress
 from relance.workspace import Workspace
 from tests.conftest import at, database_url, write_workspace
