@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import MetaData, create_engine, text
 
-from relance.store import Store, metadata
+from relance.store import Store
 
 POSTGRES_URL = os.environ.get("RELANCE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REPO = Path(__file__).resolve().parent.parent
@@ -23,16 +23,35 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
 def reset_postgres(url: str = POSTGRES_URL) -> None:
-    """Drop every Relance table so the next Store(url) migrates from scratch."""
+    """Drop every table (alembic_version and later migrations' included) so the next
+    Store(url) migrates from scratch."""
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
-            metadata.drop_all(conn)
-            conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+            existing = MetaData()
+            existing.reflect(conn)
+            existing.drop_all(conn)
     except Exception as exc:  # noqa: BLE001 - turned into a loud failure
         pytest.fail(f"PostgreSQL at {url} is unreachable or broken: {exc}")
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+def postgres_lock():
+    """Held for the whole test: test processes sharing the database take turns."""
+    engine = create_engine(POSTGRES_URL)
+    try:
+        lock = engine.connect()
+        lock.execute(text("SELECT pg_advisory_lock(72410)"))
+        lock.commit()
+    except Exception as exc:  # noqa: BLE001 - turned into a loud failure
+        engine.dispose()
+        pytest.fail(f"PostgreSQL at {POSTGRES_URL} is unreachable: {exc}")
+    yield
+    lock.execute(text("SELECT pg_advisory_unlock(72410)"))
+    lock.close()
+    engine.dispose()
 
 
 def database_url(backend: str, tmp_path: Path) -> str:
@@ -44,6 +63,8 @@ def database_url(backend: str, tmp_path: Path) -> str:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
+    if request.param == "postgres":
+        request.getfixturevalue("postgres_lock")
     return request.param
 
 

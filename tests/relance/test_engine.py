@@ -338,7 +338,7 @@ def test_a_crash_mid_send_is_reconciled_not_resent_blindly(ws: Workspace):
 
 
 @pytest.mark.postgres
-def test_two_dispatchers_on_postgres_never_claim_the_same_enrollment(tmp_path: Path):
+def test_two_dispatchers_on_postgres_never_claim_the_same_enrollment(postgres_lock, tmp_path: Path):
     root = write_workspace(tmp_path / "ws", database_url("postgres", tmp_path), batch=50, daily=10_000)
     ws = Workspace.load(root)
     ids = add_prospects(ws, *[person(i) for i in range(400)])

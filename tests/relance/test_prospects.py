@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import MetaData, event, func, insert, select, text
+from sqlalchemy import event, func, insert, select
 
 from relance.errors import ProspectError
 from relance.prospects import (
@@ -17,37 +16,10 @@ from relance.prospects import (
     normalise_linkedin_url,
     normalise_row,
 )
-from relance.store import Store, enrollments, make_engine, prospects, suppressions, touches
+from relance.store import Store, enrollments, prospects, touches
 from relance.suppression import hash_identifier, list_suppressions, phone_identity, suppress, suppressed_ids
 
-PG_URL = os.environ.get("RELANCE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path):
-    """A migrated, empty store. PostgreSQL down is a failure, never a skip."""
-    if request.param == "sqlite":
-        s = Store(f"sqlite:///{tmp_path / 'relance.db'}")
-        yield s
-        s.dispose()
-        return
-    engine = make_engine(PG_URL)
-    lock = engine.connect()  # serialises test processes sharing the database
-    lock.execute(text("SELECT pg_advisory_lock(72410)"))
-    lock.commit()
-    try:
-        with engine.begin() as conn:
-            existing = MetaData()
-            existing.reflect(conn)  # every table, alembic_version and later migrations' included
-            existing.drop_all(conn)
-        s = Store(PG_URL)
-        yield s
-        s.dispose()
-    finally:
-        lock.execute(text("SELECT pg_advisory_unlock(72410)"))
-        lock.close()
-        engine.dispose()
 
 
 def write(tmp_path: Path, content: str, name: str = "prospects.csv", encoding: str = "utf-8") -> Path:

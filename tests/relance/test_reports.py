@@ -6,50 +6,20 @@ import csv
 import io
 import itertools
 import json
-import os
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from rich.console import Console
-from sqlalchemy import MetaData, event, insert, text
+from sqlalchemy import event, insert
 
 from relance.reports import build_report, deliverability_report
-from relance.store import Store, events, make_engine
+from relance.store import Store, events
 
-PG_URL = os.environ.get("RELANCE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 JAN = datetime(2026, 1, 5, 10, 0, tzinfo=UTC)  # sequence s1 happens in January
 FEB = datetime(2026, 2, 10, 9, 0, tzinfo=UTC)  # sequence s2 in February
 ALICE, BOB, CAROL = "alice@acme.example", "bob@acme.example", "carol@acme.example"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """A migrated, empty store. PostgreSQL down is a failure, never a skip."""
-    if request.param == "sqlite":
-        s = Store(f"sqlite:///{tmp_path / 'relance.db'}")
-        yield s
-        s.dispose()
-        return
-    engine = make_engine(PG_URL)
-    lock = engine.connect()  # the key the other store tests use: one test process at a time
-    lock.execute(text("SELECT pg_advisory_lock(72410)"))
-    lock.commit()
-    try:
-        with engine.begin() as conn:
-            existing = MetaData()
-            existing.reflect(conn)  # every table, alembic_version included
-            existing.drop_all(conn)
-        s = Store(PG_URL)
-        yield s
-        s.dispose()
-    finally:
-        lock.execute(text("SELECT pg_advisory_unlock(72410)"))
-        lock.close()
-        engine.dispose()
 
 
 class Log:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
-from sqlalchemy import MetaData, event, insert, select, text
+from sqlalchemy import event, insert, select
 
 from relance import suppression
-from relance.store import Store, make_engine, prospects
+from relance.store import Store, prospects
 from relance.suppression import (
     hash_identifier,
     is_suppressed,
@@ -21,34 +19,7 @@ from relance.suppression import (
     suppressed_ids,
 )
 
-PG_URL = os.environ.get("RELANCE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path):
-    """A migrated, empty store. PostgreSQL down is a failure, never a skip."""
-    if request.param == "sqlite":
-        s = Store(f"sqlite:///{tmp_path / 'relance.db'}")
-        yield s
-        s.dispose()
-        return
-    engine = make_engine(PG_URL)
-    lock = engine.connect()  # serialises test processes sharing the database
-    lock.execute(text("SELECT pg_advisory_lock(72410)"))
-    lock.commit()
-    try:
-        with engine.begin() as conn:
-            existing = MetaData()
-            existing.reflect(conn)  # every table, alembic_version and later migrations' included
-            existing.drop_all(conn)
-        s = Store(PG_URL)
-        yield s
-        s.dispose()
-    finally:
-        lock.execute(text("SELECT pg_advisory_unlock(72410)"))
-        lock.close()
-        engine.dispose()
 
 
 def count_selects(store: Store):
