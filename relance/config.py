@@ -35,7 +35,6 @@ class Limits(_Model):
     linkedin_per_day: dict[str, int] = {"visit": 80, "invite": 20, "message": 50}
     linkedin_invites_per_week: int = 100
     calls_per_day: int = 80
-    emails_per_domain_per_day: int = 30
 
 
 class Company(_Model):

@@ -26,13 +26,34 @@ def build_scheduler(root: Path):
     zone = ws.config.timezone
     path = str(root)
     scheduler = BackgroundScheduler(timezone=zone, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300})
-    scheduler.add_job(lambda: dispatch(workspace=path), CronTrigger.from_crontab(schedules.dispatch_cron, timezone=zone), id="dispatch")
-    scheduler.add_job(lambda: ingest(workspace=path), CronTrigger.from_crontab(schedules.ingest_cron, timezone=zone), id="ingest")
-    scheduler.add_job(lambda: report(workspace=path), CronTrigger.from_crontab(schedules.report_cron, timezone=zone), id="report")
+    for name, flow, cron in (
+        ("dispatch", dispatch, schedules.dispatch_cron),
+        ("ingest", ingest, schedules.ingest_cron),
+        ("report", report, schedules.report_cron),
+    ):
+        scheduler.add_job(_logged(name, flow, path), CronTrigger.from_crontab(cron, timezone=zone), id=name)
     return scheduler, ws
 
 
+def _logged(name: str, flow, path: str):
+    """Run a flow and say what it did: `relance serve` is watched in a terminal too."""
+
+    def job() -> None:
+        try:
+            result = flow(workspace=path)
+        except Exception:  # the next tick runs anyway; the flow run itself is Failed in Prefect
+            log.exception("%s failed", name)
+            return
+        if name != "report":
+            did = {k: v for k, v in result.items() if v and k != "errors"}
+            log.info("%s: %s", name, did or "nothing to do")
+
+    return job
+
+
 def serve(root: Path, *, with_web: bool = True) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
     scheduler, ws = build_scheduler(root)
     scheduler.start()
     log.info("scheduler started: %s", [j.id for j in scheduler.get_jobs()])
