@@ -39,12 +39,8 @@ def dispatch_due(ws: Workspace, now: datetime, max_batches: int | None = None) -
     dispatcher.reconcile(now)
     due = count_due(ws, now)
     total = DispatchSummary()
-    # A progress bar in the UI is worth its API calls only when the run has several batches.
-    progress = (
-        create_progress_artifact(progress=0.0, description=f"Dispatch at {now:%Y-%m-%d %H:%M} UTC: {due} due")
-        if due > dispatcher.batch_size
-        else None
-    )
+    # Most runs of a minute-by-minute schedule find nothing due: no artifact for those.
+    progress = create_progress_artifact(progress=0.0, description=f"Dispatch at {now:%Y-%m-%d %H:%M} UTC: {due} due") if due else None
     batches = 0
     while (max_batches is None or batches < max_batches) and (claimed := dispatcher.claim(now)):
         batches += 1

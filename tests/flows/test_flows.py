@@ -76,3 +76,5 @@ def test_dispatch_runs_one_task_per_batch_and_channel_and_publishes_artifacts(ro
         assert sum(n.startswith("prepare-batch") for n in names) == 1
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dispatch-summary"])))
         assert artifacts and "| claimed | 2 |" in artifacts[-1].data
+        progress = [a for a in client.read_artifacts(artifact_filter=ArtifactFilter(type={"any_": ["progress"]})) if a.flow_run_id == state.state_details.flow_run_id]
+        assert len(progress) == 1 and progress[0].data == 100.0
