@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, case, func, insert, or_, select, update
+from sqlalchemy import bindparam, case, func, insert, or_, select, tuple_, update
 
 from relance.channels import Capability, OutboundTouch, Sender, SendResult
 from relance.conditions import evaluate
@@ -258,29 +258,40 @@ class Dispatcher:
     def reconcile(self, now: datetime) -> int:
         """Touches left `sending` by a dead worker: resend only through an idempotent provider
         (it dedupes on our key); otherwise flag them `unknown` and pause for a person."""
+        dead = or_(enrollments.c.lease_expires_at.is_(None), enrollments.c.lease_expires_at < now)
         with self.store.begin() as conn:
             stale = conn.execute(
-                select(touches.c.id, touches.c.channel, touches.c.enrollment_id)
+                select(touches.c.id, touches.c.channel, touches.c.enrollment_id, touches.c.lease_owner)
                 .join(enrollments, enrollments.c.id == touches.c.enrollment_id)
-                .where(
-                    touches.c.status == "sending",
-                    or_(enrollments.c.lease_expires_at.is_(None), enrollments.c.lease_expires_at < now),
-                )
+                .where(touches.c.status == "sending", dead)
             ).all()
-            retry_ids, unknown = [], []
-            for touch_id, channel, enrollment_id in stale:
-                caps = type(self.ws.connector(Channel(channel))).capabilities
-                (retry_ids if Capability.idempotent_send in caps else unknown).append((touch_id, enrollment_id))
-            if retry_ids:
-                conn.execute(update(touches).where(touches.c.id.in_([t for t, _ in retry_ids])).values(status="retry", error="resumed after a crash"))
+            resume, unknown = [], []
+            for row in stale:
+                caps = type(self.ws.connector(Channel(row.channel))).capabilities
+                (resume if Capability.idempotent_send in caps else unknown).append((row.id, row.lease_owner))
+
+            def take(rows: list[tuple[int, str]], status: str, error: str) -> list[int]:
+                # Another worker may have reconciled and resumed one of them since we read it:
+                # only a touch still `sending` for the worker that died is ours to change.
+                if not rows:
+                    return []
+                return list(conn.scalars(
+                    update(touches)
+                    .where(tuple_(touches.c.id, touches.c.lease_owner).in_(rows), touches.c.status == "sending")
+                    .values(status=status, error=error, lease_owner=None)
+                    .returning(touches.c.enrollment_id)
+                ))
+
+            resumed = take(resume, "retry", "resumed after a crash")
+            if resumed:
                 conn.execute(
                     update(enrollments)
-                    .where(enrollments.c.id.in_([e for _, e in retry_ids]))
+                    .where(enrollments.c.id.in_(resumed), dead)
                     .values(lease_owner=None, lease_expires_at=None, next_due_at=now, updated_at=now)
                 )
-            if unknown:
-                conn.execute(update(touches).where(touches.c.id.in_([t for t, _ in unknown])).values(status="unknown", error="worker died during send"))
-                _pause(conn, [{"e_id": e, "reason": "send outcome unknown after a crash: check the provider, then resume", "now": now} for _, e in unknown])
+            flagged = take(unknown, "unknown", "worker died during send")
+            if flagged:
+                _pause(conn, [{"e_id": e, "reason": "send outcome unknown after a crash: check the provider, then resume", "now": now} for e in flagged])
         return len(stale)
 
     # ------------------------------------------------------------------ run

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter
+from prefect.client.schemas.filters import FlowRunFilter
 from sqlalchemy import func, select
 
 from flows.dispatch import dispatch
@@ -74,7 +74,8 @@ def test_dispatch_runs_one_task_per_batch_and_channel_and_publishes_artifacts(ro
         assert names.count("send-email") == 1 and sum(n.startswith("send-") for n in names) == 1
         # One task for the batch, one per channel: never one task per message.
         assert sum(n.startswith("prepare-batch") for n in names) == 1
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dispatch-summary"])))
-        assert artifacts and "| claimed | 2 |" in artifacts[-1].data
-        progress = [a for a in client.read_artifacts(artifact_filter=ArtifactFilter(type={"any_": ["progress"]})) if a.flow_run_id == state.state_details.flow_run_id]
+        ours = [a for a in client.read_artifacts() if a.flow_run_id == state.state_details.flow_run_id]
+        summary = [a for a in ours if a.key == "dispatch-summary"]
+        assert len(summary) == 1 and "| claimed | 2 |" in summary[0].data
+        progress = [a for a in ours if a.type == "progress"]
         assert len(progress) == 1 and progress[0].data == 100.0
