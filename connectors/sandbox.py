@@ -15,6 +15,7 @@ which are shares of x; call outcome rates are normalised to sum to 1.
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 import hmac
 import json
 import os
@@ -275,7 +276,7 @@ class _Simulation:
         self.rows.append((t.channel.value, event["occurred_at"], _event_json(event)))
 
 
-class _Sandbox(BaseConnector):
+class _Sandbox(BaseConnector, ABC):
     """Shared by the three channels: they differ in what they record and what they simulate."""
 
     name: ClassVar[str] = "sandbox"
@@ -456,8 +457,9 @@ class _Sandbox(BaseConnector):
     def _record(self, items: list[tuple[OutboundTouch, str, Any]], now: datetime) -> None:
         self._append(self.outbox / f"{self.channel.value}.jsonl", (line for _, _, line in items))
 
+    @abstractmethod
     def _simulate(self, sim: _Simulation) -> None:
-        raise NotImplementedError
+        """Schedule the simulated responses to one accepted touch (each channel its own)."""
 
     # --------------------------------------------------------------------- poll
     def poll(self, now: datetime) -> list[InboundEvent]:
