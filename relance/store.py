@@ -72,7 +72,7 @@ prospects = Table(
     Column("company", String(300)),
     Column("account_key", String(300), index=True),  # the company's domain, else its normalised name
     Column("title", String(300)),
-    Column("phone", String(32)),  # E.164
+    Column("phone", String(32), index=True),  # E.164; phone-only dedupe and suppression checks
     Column("linkedin_url", String(500), unique=True),
     Column("timezone", String(64)),
     Column("country", String(2)),

@@ -18,9 +18,10 @@ from datetime import datetime
 from typing import Any
 
 import phonenumbers
-from sqlalchemy import and_, insert, or_, select
+from sqlalchemy import ARRAY, and_, any_, insert, literal, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
 
 from relance.store import suppressions, utcnow
 
@@ -79,6 +80,19 @@ def normalise_value(kind: str, value: str) -> str:
     if not value:
         raise ValueError(f"empty {kind} suppression")
     return value
+
+
+def among(conn: Connection, column: Any, values: Iterable[str]) -> ColumnElement[bool]:
+    """`column IN values`, as a single array parameter on PostgreSQL.
+
+    psycopg prepares a statement it runs five times, and PostgreSQL's generic plan for
+    `IN ($1, ..., $1000)` may scan the table comparing each row with every value: seconds per
+    batch at 100k rows. `= ANY($1)` keeps its index scan. SQLite plans IN lists well.
+    """
+    values = list(values)
+    if conn.dialect.name == "postgresql":
+        return column == any_(literal(values, ARRAY(column.type)))
+    return column.in_(values)
 
 
 def _insert_ignore(conn: Connection) -> Any:
@@ -179,7 +193,7 @@ def suppressed_ids(conn: Connection, prospects: Sequence[Mapping[str, Any]]) -> 
         by_kind: dict[str, list[str]] = {}
         for kind, value in wanted:
             by_kind.setdefault(kind, []).append(value)
-        clause = or_(*(and_(suppressions.c.kind == k, suppressions.c.value.in_(v)) for k, v in by_kind.items()))
+        clause = or_(*(and_(suppressions.c.kind == k, among(conn, suppressions.c.value, v)) for k, v in by_kind.items()))
         stmt = select(suppressions.c.kind, suppressions.c.value, suppressions.c.reason).where(clause)
         for kind, value, reason in conn.execute(stmt):
             rank = _PRIORITY.get(kind, len(_PRIORITY))
