@@ -11,7 +11,7 @@ DEMO_START ?= 2027-03-15T07:00:00Z
 DEMO_WEEKS ?= 5
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Relance needs Python 3.11 or newer on the PATH" >&2; exit 1; }
@@ -35,6 +35,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	PREFECT_HOME="$$PWD/.pytest_cache/prefect" $(BIN)/python -m pytest
 	$(BIN)/lint-imports
+
+# Benchmarks of issue 3 (about 20 minutes; BENCH_ARGS=--quick for about 3): rewrites bench/RESULTS.md.
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache *.egg-info
