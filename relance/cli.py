@@ -231,9 +231,9 @@ def simulate(
                 sim.record(now, tick(workspace=path, now=now)["dispatch"])
                 bar.update(job, completed=(now - start).total_seconds(), description=f"simulated {now:%a %d %b %H:%M} UTC")
     console.print(
-        f"simulated {weeks:g} week(s) in {sim.tick_count} ticks: "
+        f"simulated {weeks:g} week(s) in {sim.tick_count} ticks: sent "
         + ", ".join(f"{count} {channel}" for channel, count in sorted(sim.sent.items()))
-        + f" touches, {sim.tasks_closed} tasks closed by the simulated SDR"
+        + f"; {sim.tasks_created} manual tasks created, {sim.tasks_closed} closed by the simulated SDR"
     )
 
 

@@ -32,6 +32,7 @@ class Simulation:
         self.close_tasks = close_tasks
         self.tick_count = 0
         self.sent: Counter[str] = Counter()
+        self.tasks_created = 0
         self.tasks_closed = 0
 
     @property
@@ -52,7 +53,7 @@ class Simulation:
 
     def record(self, now: datetime, summary: dict[str, Any]) -> None:
         self.sent.update(summary.get("sent", {}))
-        self.sent.update({f"{k} tasks": v for k, v in summary.get("tasks", {}).items()})
+        self.tasks_created += sum(summary.get("tasks", {}).values())
 
     def _round_up(self, at: datetime) -> datetime:
         step = self.step.total_seconds()
