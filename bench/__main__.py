@@ -20,6 +20,7 @@ os.environ["PREFECT_HOME"] = str(WORK / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a busy 2-core machine
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")  # the API still gets INFO
+os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "ERROR")  # the naive run's backlog warnings
 os.environ.pop("PREFECT_API_URL", None)  # a temporary server, never someone's real one
 KEEP = False
 
@@ -37,13 +38,13 @@ def _terminate(signum: int, frame: object) -> None:
 signal.signal(signal.SIGTERM, _terminate)
 
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
+import argparse
+import time
+import traceback
+from datetime import UTC, datetime
 
-from bench import results  # noqa: E402
-from bench.common import ensure_pg_database  # noqa: E402
+from bench import results
+from bench.common import ensure_pg_database
 
 HERE = Path(__file__).resolve().parent
 NAMES = ("throughput", "due-query", "memory", "report", "import", "profile")
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------- runners
 
 
-def _echo(bench, backend: str, n: int, modes: tuple[str, ...] = ("floor", "Dispatcher.run", "dispatch flow")) -> None:  # noqa: ANN001
+def _echo(bench, backend: str, n: int, modes: tuple[str, ...] = ("floor", "Dispatcher.run", "dispatch flow")) -> None:
     for row in bench.rows:
         if row.backend == backend and row.n == n and row.mode in modes:
             print(f"   {row.backend} {row.n:,} {row.mode}: {row.seconds:.2f} s, {row.rate:,.0f} touches/s", flush=True)
@@ -190,7 +191,7 @@ def run_import(cfg: dict, backends: list[str], args: argparse.Namespace) -> resu
 
 
 def run_profile(cfg: dict, backends: list[str], args: argparse.Namespace) -> results.Section:
-    from bench.profile import run
+    from bench.hotpath import run
 
     return run(WORK / "profile", cfg["profile"])
 

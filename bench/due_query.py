@@ -9,7 +9,15 @@ from typing import Any
 
 from sqlalchemy import event, text
 
-from bench.common import NOW, PG_URL, count_due, fresh_store, seed, timed, write_workspace
+from bench.common import (
+    NOW,
+    PG_URL,
+    count_due,
+    fresh_store,
+    seed,
+    timed,
+    write_workspace,
+)
 from bench.results import Check, Section
 from relance.dispatch import Dispatcher
 from relance.workspace import Workspace
@@ -29,7 +37,7 @@ def _capture_claim(ws: Workspace, dispatcher: Dispatcher) -> tuple[str, Any]:
     """The claim statement exactly as SQLAlchemy sends it, with its parameters."""
     seen: list[tuple[str, Any]] = []
 
-    def listener(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+    def listener(conn, cursor, statement, parameters, context, executemany):
         if statement.lstrip().upper().startswith("UPDATE ENROLLMENTS"):
             seen.append((statement, parameters))
 

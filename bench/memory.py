@@ -29,7 +29,8 @@ def run(work: Path, sizes: list[int], optional: int | None, budget: float) -> Se
     s = Section("3. memory", "3. Memory: peak RSS of Dispatcher.run as the number of due enrollments grows")
     s.notes = [
         "SQLite, everyone due at once, the multichannel cadence of benchmark 1; each size runs in a fresh child process"
-        " (`python -m bench.child`) and reports `ru_maxrss`, so interpreter, imports and connectors are in every figure.",
+        " (`python -m bench.child`) and reports its VmHWM (peak RSS of its own address space; not `ru_maxrss`, which"
+        " Linux inherits from the parent at fork), so interpreter, imports and connectors are in every figure.",
     ]
     measured: dict[int, dict[str, Any]] = {}
     for n in sizes:
@@ -48,7 +49,7 @@ def run(work: Path, sizes: list[int], optional: int | None, budget: float) -> Se
         else:
             s.notes.append(
                 f"**{optional:,} skipped:** at the {rate:,.0f} touches/s Dispatcher.run reached at {max(sizes):,}, it would take"
-                f" ~{projected:.0f} s, over this run's budget of {budget:.0f} s (`--memory-budget`). Flatness is checked"
+                f" ~{projected:.0f} s, over this run's budget of {budget:.0f} s (`--budget`). Flatness is checked"
                 f" between {min(sizes):,} and {max(sizes):,} instead."
             )
     s.headers = ["due enrollments", "seconds", "touches/s", "RSS before run MB", "peak RSS MB", "peak - before MB", "peak / smallest"]

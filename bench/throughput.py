@@ -11,7 +11,16 @@ from typing import Any
 from sqlalchemy import insert, select
 
 from bench.child import run_child
-from bench.common import NOW, PG_URL, checkpoint, copy_sqlite, fresh_store, seed, timed, write_workspace
+from bench.common import (
+    NOW,
+    PG_URL,
+    checkpoint,
+    copy_sqlite,
+    fresh_store,
+    seed,
+    timed,
+    write_workspace,
+)
 from bench.results import Check, Section
 from relance.enrollment import PROSPECT_COLUMNS
 from relance.rendering import Rendered, Renderer, one_line
@@ -219,7 +228,7 @@ class Throughput:
                 try:
                     summary = dispatch(workspace=str(root), now=NOW)
                     break
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     # Before the flow run exists (a 503 from a swamped temporary server), nothing
                     # was dispatched; after, the store is no longer the seeded one: re-seed.
                     if attempt == 2:

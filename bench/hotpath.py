@@ -17,7 +17,14 @@ from pathlib import Path
 
 from sqlalchemy import event
 
-from bench.common import NOW, checkpoint, copy_sqlite, fresh_store, seed, write_workspace
+from bench.common import (
+    NOW,
+    checkpoint,
+    copy_sqlite,
+    fresh_store,
+    seed,
+    write_workspace,
+)
 from bench.results import Section
 from relance.dispatch import Dispatcher
 from relance.workspace import Workspace
@@ -44,7 +51,7 @@ def run(work: Path, n: int) -> Section:
     for name in ("reconcile", "claim", "prepare", "deliver"):
         original = getattr(d, name)
 
-        def wrapped(*a, _f=original, _n=name, **k):  # noqa: ANN002, ANN003
+        def wrapped(*a, _f=original, _n=name, **k):
             t0 = time.perf_counter()
             try:
                 return _f(*a, **k)
@@ -56,10 +63,10 @@ def run(work: Path, n: int) -> Section:
     sql_time: Counter[str] = Counter()
     sql_count: Counter[str] = Counter()
 
-    def before(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+    def before(conn, cursor, statement, parameters, context, executemany):
         conn.info["bench_t0"] = time.perf_counter()
 
-    def after(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+    def after(conn, cursor, statement, parameters, context, executemany):
         key = " ".join(statement.split())[:80] + (" (executemany)" if executemany else "")
         sql_time[key] += time.perf_counter() - conn.info.pop("bench_t0", time.perf_counter())
         sql_count[key] += 1
