@@ -55,6 +55,7 @@ class Renderer:
         )
         self.env.filters["one_line"] = one_line
         self._split: dict[str, tuple[Any, Any]] = {}
+        self._subjects: dict[str, Any] = {}
 
     def _compiled(self, name: str) -> tuple[Any, Any]:
         """(subject template or None, body template), from the file's source."""
@@ -80,7 +81,7 @@ class Renderer:
         subject_tpl, body_tpl = self._compiled(name)
         try:
             if subject_override is not None:
-                subject: str | None = self.env.from_string(subject_override).render(context)
+                subject: str | None = self._subject(subject_override).render(context)
             else:
                 subject = subject_tpl.render(context) if subject_tpl is not None else None
             body = body_tpl.render(context).strip("\n") + "\n"
@@ -89,6 +90,15 @@ class Renderer:
         except Exception as exc:  # a filter or a value blew up on this prospect's data
             raise RenderError(f"{name}: {type(exc).__name__}: {exc}") from None
         return Rendered(subject=one_line(subject) if subject is not None else None, body=body)
+
+    def _subject(self, source: str) -> Any:
+        """A step's or variant's subject, compiled once (compiling costs 40x rendering)."""
+        if source not in self._subjects:
+            try:
+                self._subjects[source] = self.env.from_string(source)
+            except TemplateSyntaxError as exc:
+                raise RenderError(f"subject {source!r}: {exc.message}") from None
+        return self._subjects[source]
 
     def source(self, name: str) -> str:
         return self.env.loader.get_source(self.env, name)[0]
