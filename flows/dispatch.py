@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +17,10 @@ from relance.dispatch import Batch, Dispatcher, DispatchSummary
 from relance.events import Channel
 from relance.status import count_due
 from relance.workspace import Workspace
+
+
+# Each update is an API call (~70 ms): often enough for a person watching, not per batch.
+PROGRESS_EVERY_SECONDS = 5.0
 
 
 @task(name="prepare-batch", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), **TASK_OPTIONS)
@@ -42,6 +47,7 @@ def dispatch_due(ws: Workspace, now: datetime, max_batches: int | None = None) -
     # Most runs of a minute-by-minute schedule find nothing due: no artifact for those.
     progress = create_progress_artifact(progress=0.0, description=f"Dispatch at {now:%Y-%m-%d %H:%M} UTC: {due} due") if due else None
     batches = 0
+    last_update = time.monotonic()
     while (max_batches is None or batches < max_batches) and (claimed := dispatcher.claim(now)):
         batches += 1
         batch = prepare_batch(quote(dispatcher), claimed, now)
@@ -49,8 +55,9 @@ def dispatch_due(ws: Workspace, now: datetime, max_batches: int | None = None) -
         futures = [send_channel.submit(quote(dispatcher), channel, quote(outbound), now) for channel, outbound in batch.outbound.items()]
         for future in futures:
             total.merge(future.result())
-        if progress is not None:
+        if progress is not None and time.monotonic() - last_update >= PROGRESS_EVERY_SECONDS:
             update_progress_artifact(progress, progress=min(100.0, 100.0 * total.claimed / max(due, 1)))
+            last_update = time.monotonic()
     if progress is not None:
         update_progress_artifact(progress, progress=100.0)
     logger.info("dispatch at %s: %s", now.isoformat(), {k: v for k, v in total.as_dict().items() if k != "errors"})

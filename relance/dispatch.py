@@ -28,7 +28,7 @@ from relance.email_message import make_message_id
 from relance.enrollment import PROSPECT_COLUMNS
 from relance.errors import ConfigError, RelanceError, RenderError, TerminalError, TransientError
 from relance.events import Channel, EventKind
-from relance.planning import calendar_for, due_at, following, pick_variant, step_after, touch_context
+from relance.planning import calendar_for, due_at, following, pick_variant, reply_subject, step_after, step_templates, touch_context
 from relance.rendering import LINKEDIN_NOTE_LIMIT
 from relance.rules import exit_kinds, finish_enrollments
 from relance.spec import Sequence, Step
@@ -452,7 +452,7 @@ class _Preparer:
     def touch(self, row, seq, step, prospect, recipient, sender, manual, retry_touch, history) -> None:
         key = f"{row.id}:{step.id}"
         variant = pick_variant(step.email.variants, seq.name, step.id, prospect["id"]) if step.email else None
-        template, subject_override = _templates(step, variant)
+        template, subject_override = step_templates(step, variant)
         thread = _thread(step, history)
         unsubscribe_url = f"{self.ws.config.web.base_url.rstrip('/')}/u/{self.d.tokens.make(prospect['id'], row.id)}"
         sender_vars = {"name": sender.name, "email": sender.address, "signature": sender.signature}
@@ -477,7 +477,7 @@ class _Preparer:
             rendered = self.ws.renderer.render(template, context, subject_override) if template else None
             subject = rendered.subject if rendered else None
             if step.email and thread is not None:
-                subject = subject or _re(thread.subject)
+                subject = subject or reply_subject(thread.subject)
             if step.email and not subject:
                 raise RenderError(f"{template}: the email has no subject")
             if step.linkedin and step.action == "invite" and rendered and len(rendered.body.strip()) > LINKEDIN_NOTE_LIMIT:
@@ -690,28 +690,10 @@ def _recipient(step: Step, prospect: Mapping[str, Any]) -> str | None:
     return prospect.get("email") or prospect.get("linkedin_url") or prospect.get("phone") or f"prospect {prospect['id']}"
 
 
-def _templates(step: Step, variant: Any) -> tuple[str | None, str | None]:
-    if step.email:
-        template = (variant.template if variant and variant.template else None) or step.email.template
-        subject = (variant.subject if variant and variant.subject else None) or step.email.subject
-        return template, subject
-    if step.linkedin:
-        return step.linkedin.template, None
-    if step.call:
-        return step.call.script, None
-    return (step.task.template if step.task else None), None
-
-
 def _thread(step: Step, history: list[Any]) -> Any:
     if not (step.email and step.email.reply_to):
         return None
     return next((t for t in history if t.step_id == step.email.reply_to and t.status == "sent" and t.message_id), None)
-
-
-def _re(subject: str | None) -> str | None:
-    if not subject:
-        return None
-    return subject if subject.lower().startswith(("re:", "re :")) else f"Re: {subject}"
 
 
 def _raw_event(values: Mapping[str, Any], kind: EventKind, now: datetime, *, dedupe: str, detail: str | None = None) -> dict[str, Any]:

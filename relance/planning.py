@@ -114,3 +114,23 @@ def touch_context(
         "sequence": {"name": seq.name, "description": seq.description, "owner": seq.owner, "language": seq.language, "kind": seq.kind},
         "step": {"id": step.id, "channel": step.channel.value, "action": step.action},
     }
+
+
+def step_templates(step: Step, variant: Variant | None) -> tuple[str | None, str | None]:
+    """(template file, subject override) a step renders; a variant's own values win."""
+    if step.email:
+        template = (variant.template if variant and variant.template else None) or step.email.template
+        subject = (variant.subject if variant and variant.subject else None) or step.email.subject
+        return template, subject
+    if step.linkedin:
+        return step.linkedin.template, None
+    if step.call:
+        return step.call.script, None
+    return (step.task.template if step.task else None), None
+
+
+def reply_subject(subject: str | None) -> str | None:
+    """The subject of a follow-up threaded on an earlier email."""
+    if not subject:
+        return None
+    return subject if subject.lower().startswith(("re:", "re :")) else f"Re: {subject}"

@@ -10,7 +10,7 @@ from typing import Any
 
 from relance.conditions import evaluate
 from relance.errors import RelanceError
-from relance.planning import calendar_for, due_at, pick_sender, pick_variant, touch_context
+from relance.planning import calendar_for, due_at, pick_sender, pick_variant, reply_subject, step_templates, touch_context
 from relance.spec import Sequence
 from relance.workspace import Workspace
 
@@ -48,24 +48,13 @@ def timeline(
         if step.when and not evaluate(step.when, prospect, seen):
             out.append(PlannedTouch(step.id, step.channel.value, step.action, at, local, None, None, "", skipped=f"when: {step.when}"))
             continue
-        template = None
-        subject_override = None
-        if step.email:
-            template = (variant.template if variant and variant.template else None) or step.email.template
-            subject_override = (variant.subject if variant and variant.subject else None) or step.email.subject
-        elif step.linkedin:
-            template = step.linkedin.template
-        elif step.call:
-            template = step.call.script
-        elif step.task:
-            template = step.task.template
+        template, subject_override = step_templates(step, variant)
         try:
             context = touch_context(ws.config, seq, step, prospect, sender, unsubscribe_url)
             rendered = ws.renderer.render(template, context, subject_override) if template else None
             subject = rendered.subject if rendered else (step.task.title if step.task else None)
             if step.email and step.email.reply_to and not subject:
-                original = subjects.get(step.email.reply_to)
-                subject = f"Re: {original}" if original else None
+                subject = reply_subject(subjects.get(step.email.reply_to))
             body = rendered.body if rendered else ""
         except RelanceError as exc:
             subject, body = None, f"[cannot render: {exc}]"
