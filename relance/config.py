@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from datetime import date
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -16,12 +17,43 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class MailServer(_Model):
+    """An SMTP or IMAP server of one mailbox. The password is never in the file: it comes
+    from an environment variable or a Prefect Secret block (see connectors.mail_secrets)."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    security: Literal["starttls", "ssl", "none"] = "starttls"
+    username: str | None = None
+    password_env: str | None = None
+    password_secret: str | None = None  # name of a Prefect Secret block
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    folder: str = "INBOX"  # IMAP only: the folder replies land in
+
+
+class Warmup(_Model):
+    """A new mailbox sends a little more each day until it reaches its daily limit."""
+
+    start: date
+    first_day: int = Field(default=20, ge=1)
+    increase_per_day: int = Field(default=10, ge=0)
+
+    def daily_cap(self, on: date, daily_limit: int) -> int:
+        days = (on - self.start).days
+        if days < 0:
+            return 0
+        return min(daily_limit, self.first_day + days * self.increase_per_day)
+
+
 class Mailbox(_Model):
     email: str
     name: str
     signature: str = ""
     daily_limit: int = Field(default=200, ge=1)
     hourly_limit: int | None = Field(default=None, ge=1)
+    warmup: Warmup | None = None
+    smtp: MailServer | None = None
+    imap: MailServer | None = None
 
 
 class ConnectorChoice(_Model):
@@ -35,6 +67,9 @@ class Limits(_Model):
     linkedin_per_day: dict[str, int] = {"visit": 80, "invite": 20, "message": 50}
     linkedin_invites_per_week: int = 100
     calls_per_day: int = 80
+    # Emails per sending mailbox to one recipient domain per day (a burst to one company's
+    # server looks like spam); None for no cap.
+    email_per_recipient_domain_per_day: int | None = Field(default=30, ge=1)
 
 
 class Company(_Model):
