@@ -47,7 +47,7 @@ from bench import results
 from bench.common import ensure_pg_database
 
 HERE = Path(__file__).resolve().parent
-NAMES = ("throughput", "due-query", "memory", "report", "import", "profile")
+NAMES = ("throughput", "due-query", "memory", "scale-out", "report", "import", "profile")
 
 
 def sizes(quick: bool) -> dict:
@@ -65,6 +65,7 @@ def sizes(quick: bool) -> dict:
             "events": 200_000,
             "import": 20_000,
             "profile": 3_000,
+            "scale_out": 5_000,
         }
     return {
         "throughput": {"sqlite": [10_000, 100_000], "postgresql": [10_000]},
@@ -77,6 +78,7 @@ def sizes(quick: bool) -> dict:
         "events": 1_000_000,
         "import": 100_000,
         "profile": 10_000,
+        "scale_out": 100_000,
     }
 
 
@@ -178,6 +180,14 @@ def run_memory(cfg: dict, backends: list[str], args: argparse.Namespace) -> resu
     return run(WORK / "memory", cfg["memory"], cfg["memory_optional"], args.budget)
 
 
+def run_scale_out(cfg: dict, backends: list[str], args: argparse.Namespace) -> results.Section:
+    from bench.scaleout import run
+
+    if "postgresql" not in backends:
+        return results.Section("6. scale-out", "6. Scale-out on PostgreSQL", error="needs PostgreSQL")
+    return run(WORK / "scale-out", cfg["scale_out"])
+
+
 def run_report(cfg: dict, backends: list[str], args: argparse.Namespace) -> results.Section:
     from bench.report_import import run_report
 
@@ -200,6 +210,7 @@ RUNNERS = {
     "throughput": run_throughput,
     "due-query": run_due_query,
     "memory": run_memory,
+    "scale-out": run_scale_out,
     "report": run_report,
     "import": run_import,
     "profile": run_profile,

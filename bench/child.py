@@ -47,24 +47,51 @@ def peak_rss() -> int:
 
 
 def main() -> None:
-    root = sys.argv[1]
+    """`python -m bench.child ROOT [--start EPOCH] [--now ISO] [--log-sends FILE]`: --start waits
+    (after the imports) until that wall-clock time so several workers begin together; --log-sends
+    appends the idempotency key of every touch handed to a connector, one per line."""
+    import argparse
+    from datetime import datetime
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("root")
+    parser.add_argument("--start", type=float)
+    parser.add_argument("--now")
+    parser.add_argument("--log-sends", type=Path)
+    args = parser.parse_args()
     import psutil
 
     from bench.common import NOW
     from relance.dispatch import Dispatcher
     from relance.workspace import Workspace
 
-    ws = Workspace.load(root)
+    ws = Workspace.load(args.root)
     dispatcher = Dispatcher(ws)
+    if args.log_sends is not None:
+        log = args.log_sends.open("a", buffering=1)
+        deliver = dispatcher.deliver
+
+        def logged(channel: Any, outbound: Any, now: Any) -> Any:
+            log.write("".join(f"{t.idempotency_key}\n" for t in outbound))
+            log.flush()
+            return deliver(channel, outbound, now)
+
+        dispatcher.deliver = logged  # type: ignore[method-assign]
     with ws.store.connect():
         pass  # the engine and its first connection exist before the clock starts
+    if args.start is not None:
+        time.sleep(max(0.0, args.start - time.time()))
     rss_before = psutil.Process().memory_info().rss
+    started_at = time.time()
     start, cpu = time.perf_counter(), time.process_time()
-    summary = dispatcher.run(NOW)
+    summary = dispatcher.run(datetime.fromisoformat(args.now) if args.now else NOW)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = peak_rss()
     ws.close()
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "summary": summary.as_dict(), "rss_before": rss_before, "peak_rss": peak}))
+    print(json.dumps({
+        "seconds": seconds, "cpu_seconds": cpu, "summary": summary.as_dict(), "rss_before": rss_before,
+        "peak_rss": peak, "started_at": started_at, "ended_at": started_at + seconds,
+    }))
 
 
 if __name__ == "__main__":
