@@ -164,6 +164,7 @@ class BusinessCalendar:
         code = country.strip().upper() if country else None
         self.window, self.zone, self.country = window, zone, (_check_country(code) if code else None)
         self._rules = _rules_for(window, zone, self.country)
+        self._due: dict[tuple[datetime, int, str | None], tuple[datetime, datetime | None, datetime | None]] = {}
 
     def __repr__(self) -> str:
         return f"BusinessCalendar(zone={self.zone.key!r}, country={self.country!r})"
@@ -263,14 +264,20 @@ class BusinessCalendar:
 
     def due_time(self, start: datetime, wait: Wait | None, jitter_key: str, jitter_minutes: int) -> datetime:
         """When a step fires; jitter only when moved to an opening, so on-time touches stay exact."""
-        t = self.add_wait(start, wait) if wait is not None else _as_utc(start)
-        s, e = self._scan(t, merge=False)
-        if s <= t:
+        key = (start, wait.amount, wait.unit) if wait is not None else (start, 0, None)
+        base = self._due.get(key)
+        if base is None:  # a batch moves thousands of prospects by the same wait from the same `now`
+            if len(self._due) >= 1024:
+                self._due.clear()
+            t = self.add_wait(start, wait) if wait is not None else _as_utc(start)
+            s, _ = self._scan(t, merge=False)
+            base = self._due[key] = (t, None, None) if s <= t else (t, *self._scan(t, merge=True))
+        t, s, e = base
+        if s is None:
             return t
         jitter = jitter_seconds(jitter_key, jitter_minutes)
         if jitter == 0:
             return s
-        s, e = self._scan(t, merge=True)
         if s + timedelta(seconds=jitter) >= e:
             length = int((e - s).total_seconds())
             jitter = jitter % length if length > 0 else 0

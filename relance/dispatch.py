@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence as Seq
@@ -30,7 +31,7 @@ from relance.errors import ConfigError, RelanceError, RenderError, TerminalError
 from relance.events import Channel, EventKind
 from relance.planning import calendar_for, due_at, following, pick_variant, reply_subject, step_after, step_templates, touch_context
 from relance.rendering import LINKEDIN_NOTE_LIMIT
-from relance.rules import exit_kinds, finish_enrollments
+from relance.rules import ends, finish_enrollments
 from relance.spec import Sequence, Step
 from relance.store import enrollments, events, prospects, tasks, touches
 from relance.suppression import suppressed_ids
@@ -51,6 +52,7 @@ TOUCH_DEFAULTS = dict.fromkeys(
     ("variant", "sender", "recipient", "subject", "content_hash", "message_id", "provider_message_id", "error", "lease_owner", "sent_at")
 )
 RETRYABLE_STATUSES = ("retry", "failed")
+CAPACITY_REFRESH_SECONDS = 10.0
 
 
 def worker_id() -> str:
@@ -111,6 +113,19 @@ class Dispatcher:
         self.lease = timedelta(seconds=ws.config.dispatch.lease_seconds)
         self.batch_size = ws.config.dispatch.batch_size
         self.tokens = UnsubscribeTokens(workspace_secret(ws.root, ws.config.web.secret_env))
+        self._capacity: tuple[datetime, float, _Capacity] | None = None
+
+    def capacity(self, conn: Any, now: datetime) -> "_Capacity":
+        """Rolling counts per sender, read from the touches once and then kept in memory for the
+        batches that follow: re-counting a week of touches per batch made a run quadratic. They
+        are re-read every CAPACITY_REFRESH_SECONDS so other workers' sends are seen."""
+        if self._capacity is not None:
+            at, loaded, counts = self._capacity
+            if at == now and time.monotonic() - loaded < CAPACITY_REFRESH_SECONDS:
+                return counts
+        counts = _Capacity(self.ws, conn, now)
+        self._capacity = (now, time.monotonic(), counts)
+        return counts
 
     # ---------------------------------------------------------------- claim
     def claim(self, now: datetime, limit: int | None = None) -> list[int]:
@@ -375,11 +390,12 @@ class _Preparer:
     def run(self, ids: list[int]) -> None:
         conn = self.conn
         rows = conn.execute(
-            select(enrollments, *[c.label(f"p_{c.name}") for c in PROSPECT_COLUMNS])
+            select(enrollments.c.id, enrollments.c.sequence, enrollments.c.next_step_id, enrollments.c.sender, *PROSPECT_COLUMNS)
             .join(prospects, prospects.c.id == enrollments.c.prospect_id)
             .where(enrollments.c.id.in_(ids), enrollments.c.lease_owner == self.d.owner, enrollments.c.state == "active")
         ).all()
-        self.prospect_of = {r.id: {c.name: getattr(r, f"p_{c.name}") for c in PROSPECT_COLUMNS} for r in rows}
+        names = [c.name for c in PROSPECT_COLUMNS]
+        self.prospect_of = {r[0]: dict(zip(names, r[4:])) for r in rows}
         self.suppressed = suppressed_ids(conn, list(self.prospect_of.values()))
         self.history: dict[int, list[Any]] = defaultdict(list)
         for t in conn.execute(
@@ -389,9 +405,13 @@ class _Preparer:
         ):
             self.history[t.enrollment_id].append(t)
         self.seen: dict[int, list[tuple[str, str | None]]] = defaultdict(list)
-        for e in conn.execute(select(events.c.enrollment_id, events.c.kind, events.c.step_id).where(events.c.enrollment_id.in_(ids))):
+        self.details: dict[int, list[tuple[str, str | None]]] = defaultdict(list)  # (kind, detail): what may end it
+        for e in conn.execute(
+            select(events.c.enrollment_id, events.c.kind, events.c.step_id, events.c.detail).where(events.c.enrollment_id.in_(ids))
+        ):
             self.seen[e.enrollment_id].append((e.kind, e.step_id))
-        self.capacity = _Capacity(self.ws, conn, self.now)
+            self.details[e.enrollment_id].append((e.kind, e.detail))
+        self.capacity = self.d.capacity(conn, self.now)
         for row in rows:
             try:
                 self.decide(row)
@@ -416,11 +436,11 @@ class _Preparer:
             return self.move(row.id, following(seq, step.id), prospect, seq)
         if any(t.step_id == step.id and t.status == "unknown" for t in history):
             return self.pause(row.id, f"step {step.id!r}: send outcome unknown, reconcile it before resuming")
-        kinds = exit_kinds(seq)
-        if any(kind in kinds for kind, _ in self.seen[row.id]):
-            return self.finish(row.id, next(k for k, _ in self.seen[row.id] if k in kinds))
-        if row.id in self.suppressed and step.channel != Channel.task:
-            return self.finish(row.id, "suppressed", reason=self.suppressed[row.id])
+        ending = next((kind for kind, detail in self.details[row.id] if ends(seq, kind, detail)), None)
+        if ending is not None:
+            return self.finish(row.id, ending)
+        if prospect["id"] in self.suppressed and step.channel != Channel.task:
+            return self.finish(row.id, "suppressed", reason=self.suppressed[prospect["id"]])
         cal = calendar_for(seq.schedule, prospect, self.ws.config)
         if not cal.is_open(self.now):
             self.summary.deferred += 1
@@ -622,7 +642,7 @@ class _Preparer:
 
 
 class _Capacity:
-    """Rolling-window counts per sender identity, loaded once per batch and kept in memory."""
+    """Rolling-window counts per sender identity, loaded from the touches, then kept in memory."""
 
     def __init__(self, ws: Workspace, conn: Any, now: datetime):
         self.ws, self.now = ws, now

@@ -31,9 +31,19 @@ def _holiday_countries() -> frozenset[str]:
     return frozenset(holidays.list_supported_countries())
 
 
-@lru_cache(maxsize=4096)
+# Keyed by the window's identity: hashing a pydantic model for every touch costs more than
+# the calendar lookup itself. The window is kept in the value so its id cannot be reused.
+_CALENDARS: dict[tuple[int, str, str | None], tuple[Window, BusinessCalendar]] = {}
+
+
 def _calendar(window: Window, zone_name: str, country: str | None) -> BusinessCalendar:
-    return BusinessCalendar(window, ZoneInfo(zone_name), country)
+    key = (id(window), zone_name, country)
+    entry = _CALENDARS.get(key)
+    if entry is None or entry[0] is not window:
+        if len(_CALENDARS) >= 4096:
+            _CALENDARS.clear()
+        entry = _CALENDARS[key] = (window, BusinessCalendar(window, ZoneInfo(zone_name), country))
+    return entry[1]
 
 
 def calendar_for(schedule: Schedule, prospect: Mapping[str, Any], config: Config) -> BusinessCalendar:

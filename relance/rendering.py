@@ -52,6 +52,7 @@ class Renderer:
             keep_trailing_newline=False,
             trim_blocks=True,
             lstrip_blocks=True,
+            auto_reload=False,  # an {% include %} would stat its file on every render; a run's templates are fixed
         )
         self.env.filters["one_line"] = one_line
         self._split: dict[str, tuple[Any, Any]] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import time
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -234,14 +235,14 @@ class Step(_Model):
             raise ValueError(reason)
         return value
 
-    @property
+    @cached_property  # read for every touch dispatched: computed once per loaded spec
     def channel(self) -> Channel:
         for name in ("email", "linkedin", "call", "task"):
             if getattr(self, name) is not None:
                 return Channel(name)
         raise AssertionError("validated")
 
-    @property
+    @cached_property
     def action(self) -> str:
         if self.linkedin is not None:
             return self.linkedin.action

@@ -61,6 +61,23 @@ class UTCDateTime(TypeDecorator):
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         return None if value is None else value.replace(tzinfo=UTC)
 
+    def bind_processor(self, dialect: Any) -> Any:
+        """Memoise the last value: a dispatch batch binds the same `now` to thousands of rows,
+        and converting it (then formatting it, on SQLite) each time showed in the profile."""
+        convert = super().bind_processor(dialect)
+        last: list[tuple[Any, Any]] = [(None, None)]  # one tuple, swapped whole: thread-safe
+
+        def process(value: Any) -> Any:
+            if value is None:
+                return None
+            seen, converted = last[0]
+            if value is not seen:
+                converted = convert(value)
+                last[0] = (value, converted)
+            return converted
+
+        return process
+
 
 prospects = Table(
     "prospects",

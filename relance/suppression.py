@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 import phonenumbers
-from sqlalchemy import ARRAY, and_, any_, insert, literal, or_, select
+from sqlalchemy import ARRAY, and_, any_, insert, literal, or_, select, union_all
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
@@ -157,21 +157,38 @@ def _parent_domains(domain: str) -> list[str]:
     return [".".join(labels[i:]) for i in range(len(labels) - 1)] or [domain]
 
 
-def _identifiers(prospect: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _identifiers(prospect: Mapping[str, Any], kinds: frozenset[str]) -> list[tuple[str, str]]:
+    """The (kind, value) pairs a prospect could be suppressed under, for the kinds in use."""
     keys: list[tuple[str, str]] = []
     email = (prospect.get("email") or "").strip().lower()
     if email:
-        keys += [("email", email), ("email_sha256", hash_identifier(email))]
-        keys += [("domain", d) for d in _parent_domains(email.rpartition("@")[2])]
+        if "email" in kinds:
+            keys.append(("email", email))
+        if "email_sha256" in kinds:
+            keys.append(("email_sha256", hash_identifier(email)))
+        if "domain" in kinds:
+            keys += [("domain", d) for d in _parent_domains(email.rpartition("@")[2])]
     linkedin = (prospect.get("linkedin_url") or prospect.get("linkedin") or "").strip()
     if linkedin:
-        keys += [("linkedin", linkedin), ("linkedin_sha256", hash_identifier(linkedin))]
+        if "linkedin" in kinds:
+            keys.append(("linkedin", linkedin))
+        if "linkedin_sha256" in kinds:
+            keys.append(("linkedin_sha256", hash_identifier(linkedin)))
     phone = (prospect.get("phone") or "").strip()
     if phone:
-        keys.append(("phone", phone))
-        identity = phone_identity(phone, prospect.get("first_name"), prospect.get("last_name"))
-        keys.append(("phone_sha256", hash_identifier(identity)))
+        if "phone" in kinds:
+            keys.append(("phone", phone))
+        if "phone_sha256" in kinds:
+            identity = phone_identity(phone, prospect.get("first_name"), prospect.get("last_name"))
+            keys.append(("phone_sha256", hash_identifier(identity)))
     return keys
+
+
+def kinds_in_use(conn: Connection) -> frozenset[str]:
+    """The suppression kinds with at least one row: one index probe each. Hashing and name
+    folding for a kind nobody was suppressed under would cost the send path for nothing."""
+    probes = [select(literal(kind)).where(suppressions.c.kind == kind).limit(1) for kind in KINDS]
+    return frozenset(conn.scalars(union_all(*(p.subquery().select() for p in probes))))
 
 
 def suppressed_ids(conn: Connection, prospects: Sequence[Mapping[str, Any]]) -> dict[int, str]:
@@ -182,11 +199,14 @@ def suppressed_ids(conn: Connection, prospects: Sequence[Mapping[str, Any]]) -> 
     "unsubscribed (email)": the stored reason and the kind that matched.
     """
     found: dict[int, tuple[int, str]] = {}
+    kinds = kinds_in_use(conn) if prospects else frozenset()
+    if not kinds:
+        return {}
     for start in range(0, len(prospects), _CHUNK):
         wanted: dict[tuple[str, str], list[int]] = {}
         for p in prospects[start : start + _CHUNK]:
             m = getattr(p, "_mapping", p)
-            for key in _identifiers(m):
+            for key in _identifiers(m, kinds):
                 wanted.setdefault(key, []).append(m["id"])
         if not wanted:
             continue
