@@ -31,6 +31,7 @@ from relance.channels import (
 from relance.email_message import make_message_id
 from relance.errors import TerminalError
 from relance.events import Channel
+from tests.connectors.brevo_server import brevo_example  # noqa: F401 - the local Brevo, a fixture
 
 for _module in pkgutil.iter_modules(connectors.__path__):
     importlib.import_module(f"connectors.{_module.name}")
@@ -83,9 +84,16 @@ def connector_cls(request) -> type:
     return request.param
 
 
+# Connectors whose example_settings point at a local server that a fixture starts: name -> fixture.
+LOCAL_SERVERS = {"brevo": "brevo_example", "smtp": "smtp_example_settings"}  # smtp: tests/connectors/conftest.py
+
+
 @pytest.fixture
-def connector(connector_cls, tmp_path):
-    settings = connector_cls.settings_model.model_validate(getattr(connector_cls, "example_settings", {}))
+def connector(connector_cls, tmp_path, request):
+    example = getattr(connector_cls, "example_settings", {})
+    if connector_cls.name in LOCAL_SERVERS:
+        example = request.getfixturevalue(LOCAL_SERVERS[connector_cls.name])
+    settings = connector_cls.settings_model.model_validate(example)
     instance = connector_cls(settings, workspace=SimpleNamespace(root=tmp_path))
     yield instance
     instance.close()
