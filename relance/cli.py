@@ -263,29 +263,49 @@ def web_(workspace: WorkspaceOpt = Path(".")) -> None:
 # ------------------------------------------------------------------------ reading
 @app.command()
 def report(
+    view: Annotated[
+        str,
+        typer.Option(
+            help="funnel: per-channel results grouped --by a dimension; deliverability: email delivered, "
+            "bounces (hard, soft), complaints, opt-outs, auto-replies and replies per mailbox and per sequence."
+        ),
+    ] = "funnel",
     sequence: Annotated[Optional[str], typer.Option(help="Only this sequence.")] = None,
-    since: Annotated[Optional[str], typer.Option(help="Only events since this date (ISO 8601).")] = None,
-    by: Annotated[str, typer.Option(help="channel, step, sequence, variant or sender.")] = "channel",
-    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    since: Annotated[Optional[str], typer.Option(help="Only events at or after this time (ISO 8601).")] = None,
+    until: Annotated[Optional[str], typer.Option(help="Only events before this time (ISO 8601).")] = None,
+    by: Annotated[Optional[str], typer.Option(help="funnel view: channel (default), step, sequence, variant or sender.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv, json or markdown.")] = "table",
     workspace: WorkspaceOpt = Path("."),
 ) -> None:
-    """Per-channel results computed in SQL over the event log."""
-    from relance.reports import build_report
+    """Results computed in SQL over the event log: the per-channel funnel, or email deliverability."""
+    from relance.reports import build_report, deliverability_report
 
-    if by not in ("channel", "step", "sequence", "variant", "sender"):
+    if view not in ("funnel", "deliverability"):
+        _fail(f"--view {view!r}: use funnel or deliverability")
+    if by is not None and by not in ("channel", "step", "sequence", "variant", "sender"):
         _fail(f"--by {by!r}: use channel, step, sequence, variant or sender")
+    if view == "deliverability" and by is not None:
+        _fail("--by applies to the funnel view; the deliverability view is always per mailbox and per sequence")
+    if fmt not in ("table", "csv", "json", "markdown"):
+        _fail(f"--format {fmt!r}: use table, csv, json or markdown")
+    start, end = (_now(since) if since else None), (_now(until) if until else None)
+    if start and end and end <= start:
+        _fail(f"--until {until} is not after --since {since}")
     ws = _workspace(workspace)
     with ws.store.connect() as conn:
-        result = build_report(conn, by=by, sequence=sequence, since=_now(since) if since else None)
+        if view == "deliverability":
+            result = deliverability_report(conn, since=start, until=end, sequence=sequence)
+        else:
+            result = build_report(conn, by=by or "channel", sequence=sequence, since=start, until=end)
     if fmt == "json":
         print(result.to_json())
     elif fmt == "csv":
         sys.stdout.write(result.to_csv())
-    elif fmt == "table":
+    elif fmt == "markdown":
+        print(result.to_markdown())
+    else:
         for table in result.to_rich_tables():
             console.print(table)
-    else:
-        _fail(f"--format {fmt!r}: use table, csv or json")
 
 
 @app.command()

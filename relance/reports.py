@@ -218,6 +218,7 @@ DELIVERABILITY_COUNTS: tuple[Count, ...] = tuple(
     for key, kind, detail in [
         ("sent", K.sent, None),
         ("delivered", K.delivered, None),
+        ("bounced", K.bounced, None),  # every bounce, also one a provider did not classify
         ("bounced_hard", K.bounced, "hard"),
         ("bounced_soft", K.bounced, "soft"),
         ("complained", K.complained, None),
@@ -229,6 +230,7 @@ DELIVERABILITY_COUNTS: tuple[Count, ...] = tuple(
 
 DELIVERABILITY_RATES: tuple[Rate, ...] = (
     Rate("delivery_rate", "delivered", ("sent",), "of sent"),
+    Rate("bounce_rate", "bounced", ("sent",), "of sent"),
     Rate("hard_bounce_rate", "bounced_hard", ("sent",), "of sent"),
     Rate("soft_bounce_rate", "bounced_soft", ("sent",), "of sent"),
     Rate("complaint_rate", "complained", ("delivered",), "of delivered"),
@@ -244,6 +246,7 @@ DELIVERABILITY_SECTIONS: tuple[Section, ...] = (
         (
             Column("sent", "Sent"),
             Column("delivered", "Delivered", "delivery_rate"),
+            Column("bounced", "Bounces", "bounce_rate"),
             Column("bounced_hard", "Hard bounces", "hard_bounce_rate"),
             Column("bounced_soft", "Soft bounces", "soft_bounce_rate"),
             Column("complained", "Complaints", "complaint_rate"),
@@ -314,6 +317,7 @@ class Report:
     sections: tuple[Section, ...] = field(default=SECTIONS, repr=False)
     rates: tuple[Rate, ...] = field(default=RATES, repr=False)
     title: str = "Relance report"
+    view: str = "funnel"  # `relance report --view`: funnel (per channel) or deliverability
 
     # -- machine formats
 
@@ -324,6 +328,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {
             "title": self.title,
+            "view": self.view,
             "dimension": self.dimension,
             "keys": list(self.keys),
             "filters": self.filters,
@@ -590,6 +595,7 @@ class DeliverabilityReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "title": "Email deliverability",
+            "view": "deliverability",
             "filters": self.filters,
             "by_sender": self.by_sender.rows,
             "by_sequence": self.by_sequence.rows,
@@ -633,7 +639,12 @@ def deliverability_report(
     until: datetime | None = None,
     sequence: str | None = None,
 ) -> DeliverabilityReport:
-    """Bounces, complaints and opt-outs per mailbox: what gets a sending domain blocklisted."""
+    """Bounces, complaints and opt-outs per mailbox: what gets a sending domain blocklisted.
+
+    Counts distinct email touches: delivered, bounces (all, and hard and soft apart by the
+    event's detail), complaints, opt-outs, auto-replies (out of office, never a reply) and
+    human replies, per sending mailbox and per sequence, in one statement.
+    """
     where = [*_where(conn, sequence, since, until), events.c.channel == str(Channel.email)]
     filters = {"sequence": sequence, "since": since, "until": until}
     cube = _cube(conn, (c.kind for c in DELIVERABILITY_COUNTS), where)
@@ -650,6 +661,7 @@ def deliverability_report(
                 sections=DELIVERABILITY_SECTIONS,
                 rates=DELIVERABILITY_RATES,
                 title="Email deliverability",
+                view="deliverability",
             )
         )
     return DeliverabilityReport(by_sender=reports[0], by_sequence=reports[1])

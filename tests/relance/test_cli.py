@@ -86,3 +86,91 @@ def test_erase_ends_the_cadence_and_a_reimport_is_refused(cli, example_workspace
     assert "erased on request" in out
     gone = cli("preview", "cfo-outbound-fr", "--prospect", "ines.fabre@injection-lab.example", ok=False)
     assert gone.exit_code == 1 and "no prospect with email" in gone.output
+
+
+def test_report_deliverability_view_per_mailbox_and_sequence(workspace_dir: Path):
+    """Emails really sent by dispatch, responses through ingest, the view read back from the CLI."""
+    from datetime import timedelta
+
+    from relance.channels import InboundEvent
+    from relance.dispatch import Dispatcher
+    from relance.enrollment import enroll
+    from relance.events import Channel, EventKind
+    from relance.ingest import ingest
+    from relance.workspace import Workspace
+    from tests.conftest import at
+    from tests.relance.test_engine import MONDAY, add_prospects, person, touch_rows
+
+    sent_at = at("2027-03-15T09:30:00")
+    ws = Workspace.load(workspace_dir)
+    try:
+        ids = add_prospects(ws, *(person(i) for i in range(1, 9)))
+        enroll(ws, ws.sequence("outbound"), ids, MONDAY)
+        assert Dispatcher(ws).run(sent_at).sent == {"email": 8}
+        sent = touch_rows(ws, step_id="intro")
+        outcomes = [
+            (EventKind.delivered, None), (EventKind.delivered, None), (EventKind.delivered, None),
+            (EventKind.bounced, "hard"), (EventKind.bounced, "soft"), (EventKind.auto_replied, None),
+            (EventKind.replied, None), (EventKind.complained, None), (EventKind.unsubscribed, None),
+        ]
+        later = sent_at + timedelta(hours=2)
+        touched = [sent[0], sent[1], sent[2], sent[3], sent[4], sent[5], sent[5], sent[6], sent[7]]
+        ingest(ws, [
+            InboundEvent(kind=kind, channel=Channel.email, occurred_at=later, dedupe_key=f"test:{n}", touch_id=t.id, detail=detail)
+            for n, ((kind, detail), t) in enumerate(zip(outcomes, touched))
+        ], later)
+        expected: dict[str, dict[str, int]] = {}
+        for (kind, detail), t in zip(outcomes, touched):
+            row = expected.setdefault(t.sender, {})
+            key = f"bounced_{detail}" if detail else str(kind)
+            row[key] = row.get(key, 0) + 1
+        for t in sent:
+            row = expected.setdefault(t.sender, {})
+            row["sent"] = row.get("sent", 0) + 1
+    finally:
+        ws.close()
+
+    runner = CliRunner()
+
+    def cli(*args: str):
+        return runner.invoke(app, ["report", *args, "-w", str(workspace_dir)], env={"COLUMNS": "200"})
+
+    result = cli("--view", "deliverability", "--format", "json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["view"] == "deliverability"
+    by_sender = {row["sender"]: row for row in data["by_sender"]}
+    assert set(by_sender) == set(expected) == {"marie@acme.example", "lea@acme.example"}  # both mailboxes of the pool
+    for sender, counts in expected.items():
+        assert {k: by_sender[sender][k] for k in counts} == counts, sender
+    assert [row["sequence"] for row in data["by_sequence"]] == ["outbound"]
+    totals = data["totals"]
+    assert (totals["sent"], totals["delivered"], totals["bounced"], totals["bounced_hard"], totals["bounced_soft"]) == (8, 3, 2, 1, 1)
+    assert (totals["auto_replied"], totals["replied"], totals["complained"], totals["unsubscribed"]) == (1, 1, 1, 1)
+    assert totals["hard_bounce_rate"] == 1 / 8
+
+    table = cli("--view", "deliverability")
+    assert table.exit_code == 0, table.output
+    for needle in ("Email deliverability by sender", "Email deliverability by sequence", "marie@acme.example",
+                   "lea@acme.example", "outbound", "Hard bounces", "Soft bounces", "Auto-replies", "Opt-outs", "12.5%"):
+        assert needle in table.output, needle
+    lines = cli("--view", "deliverability", "--format", "csv").output.splitlines()
+    assert lines[0].startswith("by,key,sent,delivered,bounced,") and lines[-1].startswith("TOTAL,,8,3,2,1,1,")
+    assert "## Email deliverability by sequence" in cli("--view", "deliverability", "--format", "markdown").output
+    only = json.loads(cli("--view", "deliverability", "--sequence", "nope", "--format", "json").output)
+    assert only["by_sender"] == [] and only["totals"]["sent"] == 0
+    before = json.loads(cli("--view", "deliverability", "--until", "2027-03-15T10:00:00Z", "--format", "json").output)
+    assert before["totals"]["sent"] == 8 and before["totals"]["replied"] == 0  # the replies came at 11:30
+
+    funnel = json.loads(cli("--format", "json").output)
+    assert funnel["view"] == "funnel" and funnel["dimension"] == "channel"
+    assert funnel["totals"]["email_auto_replied"] == 1
+
+    for args, message in [
+        (("--view", "deliverability", "--by", "step"), "--by applies to the funnel view"),
+        (("--view", "health"), "--view 'health': use funnel or deliverability"),
+        (("--format", "xml"), "--format 'xml'"),
+        (("--since", "2027-03-16", "--until", "2027-03-15"), "is not after --since"),
+    ]:
+        bad = cli(*args)
+        assert bad.exit_code == 1 and message in bad.output, (args, bad.output)

@@ -471,3 +471,87 @@ def test_deliverability_per_sender_and_sequence(filled: Store):
     assert BOB in out and "Hard bounces" in out and "Opt-outs" in out
     assert "## Email deliverability by sequence" in d.to_markdown()
     assert list(d.artifact_tables()) == ["deliverability-by-sender", "deliverability-by-sequence"]
+
+
+# ---------------------------------------------------------------------------- deliverability view
+
+
+def deliverability_log() -> Log:
+    """Alice's mailbox on s1 and Bob's on s2, with every outcome the view counts apart."""
+    log = Log()
+    alice = {"seq": "s1", "sender": ALICE}
+    for t in range(1, 8):
+        log.add("sent", "email", t, **alice)
+    for t in range(1, 5):
+        log.add("delivered", "email", t, **alice)
+    log.add("bounced", "email", 5, detail="hard", **alice)
+    log.add("bounced", "email", 6, detail="soft", times=2, **alice)  # retried by the provider: one bounce
+    log.add("bounced", "email", 7, **alice)  # a bounce nobody classified: a bounce, neither hard nor soft
+    log.add("auto_replied", "email", 1, times=2, **alice)  # out of office twice: one auto-reply, no reply
+    log.add("replied", "email", 2, **alice)
+    log.add("unsubscribed", "email", 3, **alice)
+    log.add("complained", "email", 4, **alice)
+    log.add("replied", "linkedin", 21, step="invite", **alice)  # not an email
+    log.add("sent", "call", 31, step="call-1", **alice)  # not an email
+    bob = {"seq": "s2", "sender": BOB, "at": FEB}
+    log.add("sent", "email", 41, **bob)
+    log.add("delivered", "email", 41, **bob)
+    log.add("auto_replied", "email", 41, **bob)  # back from holiday, then a real answer
+    log.add("replied", "email", 41, **bob)
+    # An opt-out from the footer link: no touch, no mailbox, no sequence on the event.
+    log.add("unsubscribed", "email", None, seq=None, step=None, sender=None, at=FEB, enrollment=99)
+    return log
+
+
+def test_deliverability_counts_auto_replies_and_hard_and_soft_bounces_apart(store: Store):
+    deliverability_log().save(store)
+    with store.connect() as conn:
+        d = deliverability_report(conn)
+    senders = {row["sender"]: row for row in d.by_sender.rows}
+    assert list(senders) == [ALICE, BOB, None]
+    metrics = ("sent", "delivered", "bounced", "bounced_hard", "bounced_soft", "complained", "unsubscribed", "auto_replied", "replied")
+    assert {k: senders[ALICE][k] for k in metrics} == {
+        "sent": 7, "delivered": 4, "bounced": 3, "bounced_hard": 1, "bounced_soft": 1,
+        "complained": 1, "unsubscribed": 1, "auto_replied": 1, "replied": 1,
+    }
+    assert {k: senders[BOB][k] for k in metrics} == {
+        "sent": 1, "delivered": 1, "bounced": 0, "bounced_hard": 0, "bounced_soft": 0,
+        "complained": 0, "unsubscribed": 0, "auto_replied": 1, "replied": 1,
+    }
+    assert senders[None]["unsubscribed"] == 1 and senders[None]["sent"] == 0
+    assert senders[None]["unsubscribe_rate"] is None  # nothing delivered on that row: no rate, no crash
+    a = senders[ALICE]
+    assert (a["bounce_rate"], a["hard_bounce_rate"], a["soft_bounce_rate"]) == pytest.approx((3 / 7, 1 / 7, 1 / 7))
+    assert (a["auto_reply_rate"], a["reply_rate"], a["delivery_rate"]) == pytest.approx((1 / 7, 1 / 7, 4 / 7))
+    assert (a["complaint_rate"], a["unsubscribe_rate"]) == pytest.approx((1 / 4, 1 / 4))
+
+    sequences = {row["sequence"]: row for row in d.by_sequence.rows}
+    assert list(sequences) == ["s1", "s2", None]
+    assert {k: sequences["s1"][k] for k in metrics} == {k: senders[ALICE][k] for k in metrics}
+    assert d.totals["unsubscribed"] == 2 and d.totals["auto_replied"] == 2 and d.totals["replied"] == 2
+    assert (d.totals["bounced"], d.totals["bounced_hard"], d.totals["bounced_soft"]) == (3, 1, 1)
+
+    with store.connect() as conn:
+        s2 = deliverability_report(conn, sequence="s2")
+        january = deliverability_report(conn, until=FEB)
+    assert [row["sender"] for row in s2.by_sender.rows] == [BOB] and s2.totals["auto_replied"] == 1
+    assert january.totals["sent"] == 7 and january.totals["unsubscribed"] == 1
+
+
+def test_deliverability_outputs_name_every_column(store: Store):
+    deliverability_log().save(store)
+    with store.connect() as conn:
+        d = deliverability_report(conn, since=JAN)
+    data = json.loads(d.to_json())
+    assert data["view"] == "deliverability" and data["filters"]["since"] == JAN.isoformat()
+    assert {row["sender"] for row in data["by_sender"]} == {ALICE, BOB, None}
+    out = render(d.to_rich_tables())
+    for needle in ("Email deliverability by sender", "Email deliverability by sequence", "Delivered", "Bounces",
+                   "Hard bounces", "Soft bounces", "Complaints", "Opt-outs", "Auto-replies", "Replies", "(none)", "42.9%"):
+        assert needle in out, needle
+    records = d.artifact_tables()["deliverability-by-sender"]
+    assert records[0]["Sender"] == ALICE and records[0]["Auto-replies"] == 1 and records[0]["Soft bounces"] == 1
+    assert records[-1]["Sender"] == "Total" and records[-1]["Opt-outs"] == 2
+    lines = list(csv.DictReader(io.StringIO(d.to_csv())))
+    assert lines[-1]["by"] == "TOTAL" and int(lines[-1]["bounced_soft"]) == 1 and int(lines[-1]["auto_replied"]) == 2
+    assert json.loads(report(store).to_json())["view"] == "funnel"

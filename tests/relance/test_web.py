@@ -126,3 +126,59 @@ def test_task_inbox_lists_and_closes_tasks(backend: str, tmp_path: Path):
     assert client.post(f"/tasks/{task_id}", data={"outcome": "voicemail"}, follow_redirects=False).status_code == 303
     assert client.post(f"/tasks/{task_id}", data={"outcome": "voicemail"}).status_code == 400  # already closed
     ws.close()
+
+
+def test_one_click_ends_every_cadence_of_the_address_at_once_and_no_reimport_undoes_it(served, tmp_path: Path):
+    """Issue 4 item 7 through the web app: the address (not the whole domain: that takes an explicit
+    request) is suppressed at once, every active enrollment of the prospect ends before its next
+    touch, and importing the same person again changes nothing."""
+    from datetime import timedelta
+
+    from relance.prospects import import_csv
+    from relance.suppression import suppressed_ids
+    from relance.store import prospects
+    from tests.relance.test_engine import touch_rows
+
+    ws, client = served
+    bystanders = add_prospects(ws, person(90), person(91))  # enrollment ids run ahead of prospect ids
+    enroll(ws, ws.sequence("nurture"), bystanders, MONDAY)
+    enroll(ws, ws.sequence("outbound"), bystanders, MONDAY)
+    pid, colleague = add_prospects(ws, person(1), person(2, email="lucie@client1.example"))
+    enroll(ws, ws.sequence("outbound"), [pid, colleague], MONDAY)
+    enroll(ws, ws.sequence("nurture"), [pid, colleague], MONDAY)  # not exclusive: runs alongside
+    Dispatcher(ws).run(NOW)
+    with ws.store.connect() as conn:
+        mine = dict(conn.execute(select(enrollments.c.sequence, enrollments.c.id).where(enrollments.c.prospect_id == pid)).all())
+    token = UnsubscribeTokens(workspace_secret(ws.root, ws.config.web.secret_env)).make(pid, mine["outbound"])
+
+    assert client.post(f"/u/{token}", content="List-Unsubscribe=One-Click",
+                       headers={"Content-Type": "application/x-www-form-urlencoded"}).status_code == 200
+    with ws.store.connect() as conn:
+        states = dict(conn.execute(select(enrollments.c.sequence, enrollments.c.state).where(enrollments.c.prospect_id == pid)).all())
+        others = set(conn.scalars(select(enrollments.c.state).where(enrollments.c.prospect_id == colleague)))
+        kept = {(r.kind, r.value) for r in conn.execute(select(suppressions.c.kind, suppressions.c.value))}
+    assert states == {"outbound": "exited", "nurture": "exited"}  # both, before any dispatch
+    assert others == {"active"}
+    assert kept == {("email", "p1@client1.example"), ("phone", "+33612340001"), ("linkedin", "https://www.linkedin.com/in/p1")}
+
+    # The same person from another export (other case, new title): still suppressed, not re-enrolled.
+    csv_path = tmp_path / "again.csv"
+    csv_path.write_text("email,first_name,last_name,company,title\nP1@Client1.EXAMPLE,Prénom1,Nom1,Client 1,DAF\n")
+    assert import_csv(ws.store, csv_path, now=NOW + timedelta(hours=1)).updated == 1
+    assert enroll(ws, ws.sequence("nurture"), [pid], NOW + timedelta(hours=1)).enrolled == 0
+    with ws.store.connect() as conn:
+        assert {(r.kind, r.value) for r in conn.execute(select(suppressions.c.kind, suppressions.c.value))} == kept
+        row = conn.execute(select(prospects).where(prospects.c.id == pid)).one()
+        assert suppressed_ids(conn, [row]) == {pid: "unsubscribed (email)"}
+
+    before = {t.id for t in touch_rows(ws)}
+    dispatcher = Dispatcher(ws)
+    for day in range(1, 20):
+        dispatcher.run(NOW + timedelta(days=day))
+    touched = {t.prospect_id for t in touch_rows(ws) if t.id not in before and t.status not in ("skipped", "failed")}
+    assert pid not in touched and colleague in touched
+    # The page still answers after the fact, and a second click changes nothing.
+    assert client.get(f"/u/{token}").status_code == 200
+    assert client.post(f"/u/{token}").status_code == 200
+    with ws.store.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(events).where(events.c.kind == "unsubscribed")) == 1
