@@ -45,7 +45,7 @@ from connectors.mail_secrets import server_password
 from relance.channels import BaseConnector, Capability, InboundEvent, OutboundTouch, SendResult, register
 from relance.config import Mailbox, MailServer
 from relance.email_message import build_email
-from relance.errors import ConfigError, RelanceError, TerminalError, TransientError
+from relance.errors import Bounced, ConfigError, OutcomeUnknown, RelanceError, TerminalError, TransientError
 from relance.events import Channel
 
 __all__ = ["DeliveryUnknown", "DkimKey", "RecipientRefused", "SmtpEmail", "SmtpSettings", "dkim_sign"]
@@ -121,15 +121,15 @@ class SmtpSettings(BaseModel):
         return value
 
 
-class RecipientRefused(TerminalError):
+class RecipientRefused(Bounced):
     """The server refused the recipient with a 5xx: a hard bounce at send time."""
 
     def __init__(self, message: str, *, recipient: str, code: int, text: str):
-        super().__init__(message)
+        super().__init__(message, hard=True)
         self.recipient, self.code, self.text = recipient, code, text
 
 
-class DeliveryUnknown(TerminalError):
+class DeliveryUnknown(OutcomeUnknown):
     """The connection was lost after the message was handed over: the server may have
     accepted it. Resending could deliver it twice, so a person checks first."""
 

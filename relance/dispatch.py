@@ -23,15 +23,16 @@ from typing import Any
 
 from sqlalchemy import bindparam, case, func, insert, or_, select, tuple_, update
 
+from relance.calendar import zone_for
 from relance.channels import Capability, OutboundTouch, Sender, SendResult
 from relance.conditions import evaluate
 from relance.email_message import make_message_id
 from relance.enrollment import PROSPECT_COLUMNS
-from relance.errors import ConfigError, RelanceError, RenderError, TerminalError, TransientError
+from relance.errors import Bounced, ConfigError, OutcomeUnknown, RelanceError, RenderError, TerminalError, TransientError
 from relance.events import Channel, EventKind
 from relance.planning import calendar_for, due_at, following, pick_variant, reply_subject, step_after, step_templates, touch_context
 from relance.rendering import LINKEDIN_NOTE_LIMIT
-from relance.rules import ends, finish_enrollments
+from relance.rules import apply as apply_rules, ends, finish_enrollments
 from relance.spec import Sequence, Step
 from relance.store import enrollments, events, prospects, tasks, touches
 from relance.suppression import suppressed_ids
@@ -175,7 +176,7 @@ class Dispatcher:
         by_id = {r.touch_id: r for r in results}
         missing = [t for t in outbound if t.touch_id not in by_id]
         for touch in missing:  # a connector that forgets a touch: its fate is unknown
-            by_id[touch.touch_id] = SendResult(touch.touch_id, error=_Unknown("connector returned no result"))
+            by_id[touch.touch_id] = SendResult(touch.touch_id, error=OutcomeUnknown("connector returned no result"))
         return self.record(channel, outbound, by_id, now)
 
     def record(self, channel: Channel, outbound: list[OutboundTouch], results: Mapping[int, SendResult], now: datetime) -> DispatchSummary:
@@ -201,7 +202,7 @@ class Dispatcher:
                 touch_updates.append(_touch_update(touch, "retry", attempts, str(result.error), None, now))
                 delay = max(result.error.retry_after or 0.0, 60.0 * 2 ** (attempts - 1))
                 retry.append({"e_id": meta["enrollment_id"], "due": now + timedelta(seconds=min(delay, 6 * 3600)), "now": now})
-            elif isinstance(result.error, _Unknown):
+            elif isinstance(result.error, OutcomeUnknown):
                 summary.failed[channel.value] += 1
                 touch_updates.append(_touch_update(touch, "unknown", attempts, str(result.error), None, now))
                 pause.append({"e_id": meta["enrollment_id"], "reason": f"send outcome unknown: {result.error}", "now": now})
@@ -259,9 +260,18 @@ class Dispatcher:
                     ),
                     retry,
                 )
+            bounces = []
             for touch, reason in failures:
                 conn.execute(insert(events), [_event_row(touch, EventKind.failed, now, f"touch:{touch.idempotency_key}:failed", detail=reason[:200])])
+                error = results[touch.touch_id].error
+                if isinstance(error, Bounced):  # refused at send time: a bounce like any other
+                    bounce = _event_row(touch, EventKind.bounced, now, f"touch:{touch.idempotency_key}:bounced", detail="hard" if error.hard else "soft")
+                    bounce["payload"] = {"reason": str(error)[:500]}
+                    conn.execute(insert(events), [bounce])
+                    bounces.append(bounce)
                 pause.append({"e_id": touch.metadata["enrollment_id"], "reason": f"step {touch.metadata['step_id']!r} failed: {reason}", "now": now})
+            if bounces:
+                apply_rules(conn, self.ws, bounces, now)  # suppress the address, end the cadence
             if pause:
                 summary.paused += len(pause)
                 _pause(conn, pause)
@@ -325,10 +335,6 @@ class Dispatcher:
             for channel, outbound in batch.outbound.items():
                 total.merge(self.deliver(channel, outbound, now))
         return total
-
-
-class _Unknown(RelanceError):
-    """The connector did not say what happened to a touch."""
 
 
 def _touch_update(touch: OutboundTouch, status: str, attempts: int, error: str | None, provider_id: str | None, now: datetime) -> dict[str, Any]:
@@ -454,7 +460,7 @@ class _Preparer:
         if sender is None:
             return self.pause(row.id, f"sender {row.sender!r} is no longer in config.yaml: assign a mailbox, then resume")
         manual = step.channel == Channel.task or Capability.manual in type(self.ws.connector(step.channel)).capabilities
-        if not self.capacity.take(sender.address, step):
+        if not self.capacity.take(sender.address, step, recipient):
             self.summary.deferred += 1
             later = self.capacity.retry_at(step)
             return self.reschedule(row.id, due_at(seq, None, prospect, self.ws.config, later))
@@ -663,13 +669,28 @@ class _Capacity:
         for r in rows:
             for period, value in (("hour", r.h), ("day", r.d), ("week", r.w)):
                 self.counts[(r.sender, r.channel, r.action, period)] = int(value or 0)
+        # Emails per mailbox and recipient domain over the last day: a burst to one company's
+        # mail server is what gets a sending domain blocked.
+        self.domain_cap = ws.config.limits.email_per_recipient_domain_per_day
+        self.by_domain: Counter[tuple[str, str]] = Counter()
+        if self.domain_cap is not None:
+            domain = _domain_of(conn, touches.c.recipient)
+            for sender, dom, n in conn.execute(
+                select(touches.c.sender, domain, func.count())
+                .where(touches.c.created_at >= day, touches.c.channel == "email", touches.c.status.in_(COUNTED_STATUSES), touches.c.sender.is_not(None))
+                .group_by(touches.c.sender, domain)
+            ):
+                self.by_domain[(sender, (dom or "").lower())] = int(n)
+        self.today = now.astimezone(zone_for(None, ws.config.timezone)).date()
 
     def limits(self, sender: str, step: Step) -> dict[str, int]:
         cfg = self.ws.config
         if step.channel == Channel.email:
             box = cfg.mailbox(sender)
-            out = {"day": box.daily_limit} if box else {}
-            if box and box.hourly_limit:
+            if box is None:
+                return {}
+            out = {"day": box.warmup.daily_cap(self.today, box.daily_limit) if box.warmup else box.daily_limit}
+            if box.hourly_limit:
                 out["hour"] = box.hourly_limit
             return out
         if step.channel == Channel.linkedin:
@@ -683,17 +704,29 @@ class _Capacity:
             return {"day": cfg.limits.calls_per_day}
         return {}
 
-    def take(self, sender: str, step: Step) -> bool:
+    def take(self, sender: str, step: Step, recipient: str) -> bool:
         limits = self.limits(sender, step)
         keys = {p: (sender, step.channel.value, step.action, p) for p in ("hour", "day", "week")}
         if any(self.counts[keys[p]] >= limit for p, limit in limits.items()):
             return False
+        domain_key = (sender, recipient.rpartition("@")[2].lower()) if step.channel == Channel.email else None
+        if domain_key is not None and self.domain_cap is not None and self.by_domain[domain_key] >= self.domain_cap:
+            return False
         for p in keys:
             self.counts[keys[p]] += 1
+        if domain_key is not None:
+            self.by_domain[domain_key] += 1
         return True
 
     def retry_at(self, step: Step) -> datetime:
         return self.now + (timedelta(hours=1) if step.channel == Channel.email else timedelta(hours=4))
+
+
+def _domain_of(conn: Any, address: Any) -> Any:
+    """The part after the @, in SQL (grouped in the database, not row by row in Python)."""
+    if conn.dialect.name == "postgresql":
+        return func.split_part(address, "@", 2)
+    return func.substr(address, func.instr(address, "@") + 1)
 
 
 def _case(condition: Any) -> Any:

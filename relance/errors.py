@@ -25,6 +25,20 @@ class TerminalError(RelanceError):
     """Record and stop retrying: a hard bounce, a rejected recipient, bad credentials."""
 
 
+class OutcomeUnknown(TerminalError):
+    """The provider may or may not have sent it (the connection dropped after the message was
+    handed over): never resent blindly; the touch is flagged for a person to reconcile."""
+
+
+class Bounced(TerminalError):
+    """The provider refused the recipient at send time (an SMTP 5xx at RCPT): a bounce,
+    recorded as one so the address is suppressed like a bounce that arrives later."""
+
+    def __init__(self, message: str, *, hard: bool = True):
+        super().__init__(message)
+        self.hard = hard
+
+
 class RenderError(TerminalError):
     """A template failed for one prospect (unknown variable, syntax, sandbox violation)."""
 

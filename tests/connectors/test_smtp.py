@@ -476,3 +476,66 @@ def test_a_cadence_threads_its_follow_ups_on_the_first_email(server, tmp_path):
         assert m["List-Unsubscribe"].strip().endswith(f", <mailto:{sender}?subject=unsubscribe>")
         text = m.get_body(("plain",)).get_content().replace("\r\n", "\n")
         assert "Acme Finance SAS, 12 rue de la Paix, 75002 Paris" in text and "Pour ne plus être contacté" in text
+
+
+# ---------------------------------------------------------------- outcomes through the engine
+def _smtp_workspace(server, tmp_path):
+    root = write_workspace(tmp_path / "ws", f"sqlite:///{tmp_path / 'relance.db'}", sequences={"threaded.yaml": THREADED})
+    data = yaml.safe_load((root / "config.yaml").read_text())
+    data["connectors"]["email"] = {"use": "smtp", "settings": {"helo_hostname": "relance.test"}}
+    for box in data["senders"]["sales"]:
+        box["smtp"] = server.settings()
+    (root / "config.yaml").write_text(yaml.safe_dump(data, allow_unicode=True))
+    return Workspace.load(root)
+
+
+def _enroll(ws, emails, when):
+    with ws.store.begin() as conn:
+        ids = conn.execute(insert(prospects).returning(prospects.c.id, sort_by_parameter_order=True), [{
+            "email": email, "first_name": "Zoé", "last_name": f"P{i}", "company": "SGE", "timezone": "Europe/Paris",
+            "country": "FR", "attributes": {}, "created_at": when, "updated_at": when,
+        } for i, email in enumerate(emails)]).scalars().all()
+    assert enroll(ws, ws.sequence("threaded"), ids, when).enrolled == len(ids)
+    return ids
+
+
+def test_a_recipient_refused_at_send_time_is_a_hard_bounce_that_suppresses(server, tmp_path):
+    from relance.store import events, suppressions, touches
+
+    server.recorder.refuse = {"nobody@client2.example": "550 5.1.1 <nobody@client2.example>: User unknown"}
+    ws = _smtp_workspace(server, tmp_path)
+    try:
+        start_at = at("2027-03-16T09:00:00")  # a Tuesday, 10:00 in Paris
+        refused, fine = _enroll(ws, ["nobody@client2.example", "zoe@client1.example"], start_at)
+        summary = Dispatcher(ws).run(start_at)
+        assert summary.sent["email"] == 1 and summary.failed["email"] == 1
+        with ws.store.connect() as conn:
+            states = dict(conn.execute(select(enrollments.c.prospect_id, enrollments.c.state)).all())
+            bounce = conn.execute(select(events.c.detail, events.c.payload).where(events.c.kind == "bounced")).one()
+            suppressed = conn.execute(select(suppressions.c.kind, suppressions.c.value)).all()
+            status = dict(conn.execute(select(touches.c.prospect_id, touches.c.status)).all())
+    finally:
+        ws.close()
+    assert states == {refused: "exited", fine: "active"}
+    assert bounce.detail == "hard" and "5.1.1" in bounce.payload["reason"]
+    assert ("email", "nobody@client2.example") in suppressed
+    assert status == {refused: "failed", fine: "sent"}
+
+
+def test_a_connection_lost_after_the_data_leaves_the_touch_unknown_and_paused(server, tmp_path):
+    from relance.store import touches
+
+    server.recorder.hang_up_after_data = {"zoe@client1.example"}
+    ws = _smtp_workspace(server, tmp_path)
+    try:
+        start_at = at("2027-03-16T09:00:00")
+        [pid] = _enroll(ws, ["zoe@client1.example"], start_at)
+        Dispatcher(ws).run(start_at)
+        Dispatcher(ws).run(start_at + timedelta(hours=2))  # never resent blindly
+        with ws.store.connect() as conn:
+            state = conn.execute(select(enrollments.c.state, enrollments.c.reason).where(enrollments.c.prospect_id == pid)).one()
+            status = conn.scalar(select(touches.c.status).where(touches.c.prospect_id == pid))
+    finally:
+        ws.close()
+    assert status == "unknown" and state.state == "paused" and "unknown" in state.reason
+    assert len(server.recorder.received) == 1

@@ -224,6 +224,79 @@ def test_capacity_limit_defers_instead_of_failing(backend: str, tmp_path: Path):
     ws.close()
 
 
+def _with_config(root: Path, **changes) -> Path:
+    import yaml
+
+    data = yaml.safe_load((root / "config.yaml").read_text())
+    for dotted, value in changes.items():
+        *path, last = dotted.split("__")
+        node = data
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = value
+    (root / "config.yaml").write_text(yaml.safe_dump(data, allow_unicode=True))
+    return root
+
+
+def _sent_per_sender_and_domain(ws: Workspace) -> dict:
+    with ws.store.connect() as conn:
+        rows = conn.execute(select(touches.c.sender, touches.c.recipient).where(touches.c.channel == "email", touches.c.status == "sent")).all()
+    out: dict = {}
+    for sender, recipient in rows:
+        key = (sender, recipient.rpartition("@")[2])
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def test_recipient_domain_cap_defers_the_rest_to_the_next_day(backend: str, tmp_path: Path):
+    root = _with_config(write_workspace(tmp_path / "ws", database_url(backend, tmp_path)), limits__email_per_recipient_domain_per_day=2)
+    ws = Workspace.load(root)
+    try:
+        same_company = [person(i, email=f"p{i}@bigcorp.example") for i in range(8)]
+        ids = add_prospects(ws, *same_company, person(20))
+        enroll(ws, ws.sequence("outbound"), ids, MONDAY)
+        summary = Dispatcher(ws).run(at("2027-03-15T09:00:00"))
+        assert summary.deferred >= 4  # waits for an opening instead of failing
+        sent = _sent_per_sender_and_domain(ws)
+        assert all(n <= 2 for (_, domain), n in sent.items() if domain == "bigcorp.example")
+        assert sum(n for (_, d), n in sent.items() if d == "bigcorp.example") == 4  # two mailboxes, two each
+        assert sent.get(next(k for k in sent if k[1] == "client20.example"), 0) == 1  # another domain is not held back
+        with ws.store.connect() as conn:
+            failed = conn.scalar(select(func.count()).select_from(touches).where(touches.c.status == "failed"))
+        assert failed == 0
+        run_until(ws, at("2027-03-15T09:30:00"), at("2027-03-17T18:00:00"))  # the next days take the rest
+        assert sum(n for (_, d), n in _sent_per_sender_and_domain(ws).items() if d == "bigcorp.example") == 8
+    finally:
+        ws.close()
+
+
+def test_a_warming_mailbox_sends_a_little_more_each_day(backend: str, tmp_path: Path):
+    import yaml
+
+    root = write_workspace(tmp_path / "ws", database_url(backend, tmp_path), daily=50)
+    data = yaml.safe_load((root / "config.yaml").read_text())
+    for box in data["senders"]["sales"]:
+        box["warmup"] = {"start": "2027-03-15", "first_day": 1, "increase_per_day": 2}
+    (root / "config.yaml").write_text(yaml.safe_dump(data, allow_unicode=True))
+    ws = Workspace.load(root)
+    try:
+        ids = add_prospects(ws, *[person(i) for i in range(20)])
+        enroll(ws, ws.sequence("outbound"), ids, MONDAY)
+
+        def per_mailbox() -> dict:
+            out: dict = {}
+            for (sender, _), n in _sent_per_sender_and_domain(ws).items():
+                out[sender] = out.get(sender, 0) + n
+            return out
+
+        Dispatcher(ws).run(at("2027-03-15T09:00:00"))
+        assert per_mailbox() == {"lea@acme.example": 1, "marie@acme.example": 1}  # day 1: first_day
+        Dispatcher(ws).run(at("2027-03-16T09:30:00"))  # caps are rolling: yesterday's 09:00 sends are 24.5 h old
+        assert per_mailbox() == {"lea@acme.example": 4, "marie@acme.example": 4}  # day 2: three more each
+    finally:
+        ws.close()
+
+
 def test_sticky_sender_for_every_email_of_an_enrollment(ws: Workspace):
     ids = add_prospects(ws, *[person(i) for i in range(10)])
     enroll(ws, ws.sequence("outbound"), ids, MONDAY)
