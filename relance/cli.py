@@ -185,6 +185,32 @@ def erase(
     console.print(f"erased {email}")
 
 
+@app.command()
+def suppress(
+    value: Annotated[str, typer.Argument(help="An email address, a domain, a phone number or a LinkedIn URL.")],
+    kind: Annotated[str, typer.Option(help="email, domain, phone or linkedin.")] = "email",
+    reason: Annotated[str, typer.Option(help="Why, kept for audits.")] = "asked not to be contacted",
+    workspace: WorkspaceOpt = Path("."),
+    at: AtOpt = None,
+) -> None:
+    """Never contact this address again (or anyone at this domain, with --kind domain); every
+    cadence it is in ends before its next touch, and no re-import undoes it."""
+    from relance.suppression import WEBMAIL_DOMAINS, normalise_value, suppress as add_suppression
+
+    if kind not in ("email", "domain", "phone", "linkedin"):
+        _fail(f"--kind {kind!r}: use email, domain, phone or linkedin")
+    try:
+        normalised = normalise_value(kind, value)
+    except ValueError as exc:
+        _fail(f"{value!r}: {exc}")
+    if kind == "domain" and normalised in WEBMAIL_DOMAINS:
+        _fail(f"{normalised} is a webmail shared by millions: suppress the address instead")
+    ws = _workspace(workspace)
+    with ws.store.begin() as conn:
+        added = add_suppression(conn, kind, normalised, reason, source="cli", now=_now(at))
+    console.print(f"{'suppressed' if added else 'already suppressed'}: {kind} {normalised}")
+
+
 # ------------------------------------------------------------------------ running
 def _quiet_prefect() -> None:
     """Prefect without a configured server starts a temporary one; its first start migrates a

@@ -151,6 +151,21 @@ def suppress_many(
     return added
 
 
+# Mailbox providers shared by millions: "stop contacting my whole company" never means these.
+WEBMAIL_DOMAINS = frozenset({
+    "gmail.com", "googlemail.com", "yahoo.com", "yahoo.fr", "hotmail.com", "hotmail.fr", "outlook.com", "outlook.fr",
+    "live.com", "live.fr", "msn.com", "icloud.com", "me.com", "mac.com", "aol.com", "gmx.com", "gmx.fr", "gmx.de",
+    "web.de", "orange.fr", "wanadoo.fr", "free.fr", "sfr.fr", "laposte.net", "bbox.fr", "proton.me", "protonmail.com",
+    "yandex.com", "yandex.ru", "mail.ru", "zoho.com", "tutanota.com",
+})
+
+
+def company_domain(email: str | None) -> str | None:
+    """The domain a whole-company opt-out would suppress; None for a webmail address."""
+    domain = (email or "").rpartition("@")[2].strip().rstrip(".").lower()
+    return domain if domain and domain not in WEBMAIL_DOMAINS else None
+
+
 def _parent_domains(domain: str) -> list[str]:
     """sales.acme.fr -> [sales.acme.fr, acme.fr]: suppressing a domain covers its subdomains."""
     labels = domain.split(".")

@@ -18,7 +18,8 @@ from relance.events import Channel, EventKind
 from relance.inbox import complete_task, open_tasks
 from relance.ingest import ingest, insert_events
 from relance import rules
-from relance.store import prospects
+from relance.store import enrollments, prospects
+from relance.suppression import company_domain, suppress
 from relance.tokens import UnsubscribeTokens, workspace_secret
 from relance.workspace import Workspace
 
@@ -41,25 +42,49 @@ def create_app(ws: Workspace, clock=lambda: datetime.now(UTC)) -> FastAPI:
             conn.execute(text("SELECT 1"))
         return JSONResponse({"status": "ok"})
 
-    def _unsubscribe(token: str) -> tuple[int, int | None] | None:
+    def _unsubscribe(token: str, whole_domain: bool = False) -> tuple[int, int | None] | None:
         try:
             prospect_id, enrollment_id = tokens.read(token)
         except TerminalError:
             return None
         now = clock()
         with ws.store.begin() as conn:
-            exists = conn.scalar(select(prospects.c.id).where(prospects.c.id == prospect_id))
-            if exists is None:
+            email = conn.scalar(select(prospects.c.email).where(prospects.c.id == prospect_id))
+            if email is None and conn.scalar(select(prospects.c.id).where(prospects.c.id == prospect_id)) is None:
                 return None
+            # Credited to the cadence and mailbox the link came from, for the deliverability view.
+            origin = conn.execute(
+                select(enrollments.c.sequence, enrollments.c.sender).where(
+                    enrollments.c.id == enrollment_id, enrollments.c.prospect_id == prospect_id
+                )
+            ).first()
             row = {
                 "occurred_at": now, "recorded_at": now, "kind": EventKind.unsubscribed.value, "channel": Channel.email.value,
-                "detail": "one-click", "prospect_id": prospect_id, "enrollment_id": enrollment_id, "touch_id": None,
-                "sequence": None, "step_id": None, "variant": None, "sender": None, "payload": {},
-                "dedupe_key": f"unsubscribe:{prospect_id}",
+                "detail": "one-click", "prospect_id": prospect_id, "enrollment_id": enrollment_id if origin else None,
+                "touch_id": None, "sequence": origin.sequence if origin else None, "step_id": None, "variant": None,
+                "sender": origin.sender if origin else None, "payload": {}, "dedupe_key": f"unsubscribe:{prospect_id}",
             }
             fresh = insert_events(conn, ws.store.is_postgres, [row])
             rules.apply(conn, ws, fresh, now)
+            domain = company_domain(email)
+            if whole_domain and domain:
+                suppress(conn, "domain", domain, "unsubscribed (whole company)", source=f"one-click:{prospect_id}", now=now)
         return prospect_id, enrollment_id
+
+    def _domain_choice(token: str) -> str:
+        """The opt-out page offers to stop contacting the whole company, never a webmail."""
+        try:
+            prospect_id, _ = tokens.read(token)
+        except TerminalError:
+            return ""
+        with ws.store.connect() as conn:
+            domain = company_domain(conn.scalar(select(prospects.c.email).where(prospects.c.id == prospect_id)))
+        if not domain:
+            return ""
+        return (
+            f'<p><label><input type="checkbox" name="scope" value="domain"> Ne plus contacter personne chez '
+            f"{html.escape(domain)} / Stop contacting anyone at {html.escape(domain)}</label></p>"
+        )
 
     @app.get("/u/{token}")
     def confirm_page(token: str) -> HTMLResponse:
@@ -71,13 +96,19 @@ def create_app(ws: Workspace, clock=lambda: datetime.now(UTC)) -> FastAPI:
         return _page(
             "Désinscription",
             f"<h1>Ne plus recevoir de messages de {company}</h1>"
-            f'<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">'
+            f'<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">{_domain_choice(token)}'
             f'<button type="submit">Confirmer / Confirm</button></form>',
         )
 
     @app.post("/u/{token}")
     async def one_click(token: str, request: Request) -> HTMLResponse:
-        if _unsubscribe(token) is None:
+        whole_domain = False
+        if request.headers.get("content-type", "").startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+            try:
+                whole_domain = (await request.form()).get("scope") == "domain"
+            except Exception:  # a mail client's malformed body is still a valid one-click opt-out
+                whole_domain = False
+        if _unsubscribe(token, whole_domain) is None:
             return _page("Lien invalide", "<h1>Lien invalide</h1>", 404)
         return _page("Désinscrit", "<h1>C'est fait.</h1><p>Vous ne recevrez plus de messages de notre part. / You are unsubscribed.</p>")
 

@@ -88,6 +88,18 @@ def test_erase_ends_the_cadence_and_a_reimport_is_refused(cli, example_workspace
     assert gone.exit_code == 1 and "no prospect with email" in gone.output
 
 
+def test_suppress_a_whole_domain_on_request_ends_its_cadences(cli, example_workspace: Path):
+    cli("import", str(example_workspace / "prospects" / "sample.csv"))
+    cli("enroll", "cfo-outbound-fr", "--where", "language=fr")
+    assert "suppressed: domain injection-lab.example" in cli("suppress", "Ines.Fabre@Injection-Lab.example", "--kind", "domain").output
+    assert "already suppressed" in cli("suppress", "injection-lab.example", "--kind", "domain").output
+    refused = cli("suppress", "gmail.com", "--kind", "domain", ok=False)
+    assert refused.exit_code == 1 and "webmail" in refused.output
+    assert cli("suppress", "x", "--kind", "fax", ok=False).exit_code == 1
+    cli("run", "--at", "2027-03-15T10:00:00Z")  # the next dispatch ends the cadence instead of sending
+    assert "'exited': 1" in cli("status").output
+
+
 def test_report_deliverability_view_per_mailbox_and_sequence(workspace_dir: Path):
     """Emails really sent by dispatch, responses through ingest, the view read back from the CLI."""
     from datetime import timedelta

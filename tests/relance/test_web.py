@@ -182,3 +182,41 @@ def test_one_click_ends_every_cadence_of_the_address_at_once_and_no_reimport_und
     assert client.post(f"/u/{token}").status_code == 200
     with ws.store.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(events).where(events.c.kind == "unsubscribed")) == 1
+
+
+def test_the_opt_out_page_can_stop_the_whole_company_and_credits_the_cadence(served):
+    ws, client = served
+    pid, colleague = add_prospects(ws, person(1), person(2, email="lucie@client1.example"))
+    enroll(ws, ws.sequence("outbound"), [pid, colleague], MONDAY)
+    Dispatcher(ws).run(NOW)
+    with ws.store.connect() as conn:
+        enrollment_id = conn.scalar(select(enrollments.c.id).where(enrollments.c.prospect_id == pid))
+        sender = conn.scalar(select(enrollments.c.sender).where(enrollments.c.id == enrollment_id))
+    token = UnsubscribeTokens(workspace_secret(ws.root, ws.config.web.secret_env)).make(pid, enrollment_id)
+    page = client.get(f"/u/{token}")
+    assert 'name="scope" value="domain"' in page.text and "client1.example" in page.text
+    done = client.post(f"/u/{token}", data={"List-Unsubscribe": "One-Click", "scope": "domain"})
+    assert done.status_code == 200
+    with ws.store.connect() as conn:
+        kept = {(r.kind, r.value) for r in conn.execute(select(suppressions.c.kind, suppressions.c.value))}
+        event = conn.execute(select(events.c.sequence, events.c.sender).where(events.c.kind == "unsubscribed")).one()
+    assert ("domain", "client1.example") in kept
+    assert (event.sequence, event.sender) == ("outbound", sender)
+    # The colleague is never contacted again: the suppression ends her cadence before its next touch.
+    from datetime import timedelta
+
+    for day in range(1, 15):
+        Dispatcher(ws).run(NOW + timedelta(days=day))
+    with ws.store.connect() as conn:
+        state = conn.execute(select(enrollments.c.state, enrollments.c.reason).where(enrollments.c.prospect_id == colleague)).one()
+    assert state.state == "exited" and "(domain)" in state.reason, state
+
+
+def test_a_webmail_address_is_never_offered_the_whole_domain(served):
+    ws, client = served
+    [pid] = add_prospects(ws, person(1, email="jean.dupont@gmail.com"))
+    token = UnsubscribeTokens(workspace_secret(ws.root, ws.config.web.secret_env)).make(pid, None)
+    assert "scope" not in client.get(f"/u/{token}").text
+    assert client.post(f"/u/{token}", data={"scope": "domain"}).status_code == 200
+    with ws.store.connect() as conn:
+        assert ("domain", "gmail.com") not in {(r.kind, r.value) for r in conn.execute(select(suppressions.c.kind, suppressions.c.value))}
