@@ -332,7 +332,8 @@ class SmtpEmail(BaseConnector):
             return []
         from connectors.imap import poll_mailboxes  # the IMAP reader, only when a mailbox has one
 
-        return list(poll_mailboxes(self.workspace, boxes, now))
+        tls = self._tls_context() if self.settings.tls_ca_file else None  # the same private CA as for sending
+        return list(poll_mailboxes(self.workspace, boxes, now, tls=tls))
 
 
 class _MailboxSession:

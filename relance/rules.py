@@ -1,17 +1,19 @@
 """Cadence rules: which events end an enrollment, what suppresses a contact, where an
-ended enrollment is routed next (`on_exit`). Applied in the same transaction that records
-the event, so a reply stops the cadence now, not at the next tick."""
+ended enrollment is routed next (`on_exit`), how long an out-of-office holds one back.
+Applied in the same transaction that records the event, so a reply stops the cadence now,
+not at the next tick."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 
 from relance.events import Channel, EventKind, SUPPRESSING_KINDS
+from relance.planning import calendar_for, due_at
 from relance.spec import Sequence
 from relance.store import enrollments, events, prospects
 from relance.suppression import suppress
@@ -116,7 +118,80 @@ def apply(conn: Any, ws: Any, new_events: list[Mapping[str, Any]], now: datetime
     for kind, ids in to_finish.items():
         counts["exited"] += len(ids)
         finish_enrollments(conn, ws, ids, kind, f"{kind} received", now)
+    ending = {i for ids in to_finish.values() for i in ids}
+    absent = [e for e in new_events if e["kind"] == EventKind.auto_replied.value and e.get("prospect_id") is not None]
+    if absent:
+        counts["deferred"] += defer_for_absence(conn, ws, absent, active, ending, now)
     return counts
+
+
+# --------------------------------------------------------------------------- auto-replies
+
+# How long an out-of-office without a return date holds the cadence back.
+DEFAULT_ABSENCE = timedelta(days=7)
+MAX_ABSENCE = timedelta(days=366)
+
+
+def return_day(detail: str | None) -> date | None:
+    """The return date an auto_replied event carries in `detail` (ISO), if any."""
+    try:
+        return date.fromisoformat(detail) if detail else None
+    except ValueError:
+        return None
+
+
+def resume_at(seq: Sequence, prospect: Mapping[str, Any], config: Any, back: date | None, replied_at: datetime, now: datetime) -> datetime:
+    """First opening of the enrollment's own calendar once the person is back: the morning
+    of the return date in the prospect's zone, else DEFAULT_ABSENCE after the auto-reply.
+    A return date more than MAX_ABSENCE away is taken for a misreading and ignored."""
+    if back is not None and back > (now + MAX_ABSENCE).date():
+        back = None
+    if back is not None:
+        zone = calendar_for(seq.schedule, prospect, config).zone
+        start = datetime.combine(back, time(0, 0), zone)
+    else:
+        start = replied_at + DEFAULT_ABSENCE
+    return due_at(seq, None, prospect, config, max(start, now))
+
+
+def defer_for_absence(
+    conn: Any, ws: Any, absent: list[Mapping[str, Any]], active: Mapping[int, list[Any]], ending: set[int], now: datetime
+) -> int:
+    """An out-of-office does not end a cadence: it holds the prospect's active enrollments
+    until the return date. They stay active with a later next_due_at, so they resume by
+    themselves with no second event; a due time already later is left alone."""
+    latest: dict[int, tuple[date | None, datetime]] = {}
+    for ev in absent:  # several auto-replies in one batch: the latest return wins
+        pid, back = ev["prospect_id"], return_day(ev.get("detail"))
+        seen = latest.get(pid)
+        if seen is None or (back or date.min) > (seen[0] or date.min):
+            latest[pid] = (back, ev.get("occurred_at") or now)
+    people = {
+        r.id: dict(r._mapping)
+        for r in conn.execute(
+            select(prospects.c.id, prospects.c.timezone, prospects.c.country).where(prospects.c.id.in_(list(latest)))
+        )
+    }
+    later: list[dict[str, Any]] = []
+    for pid, (back, replied_at) in latest.items():
+        for enr in active.get(pid, ()):
+            seq = ws.sequences.get(enr.sequence)
+            if enr.id in ending or seq is None or pid not in people:
+                continue
+            later.append({"e_id": enr.id, "when": resume_at(seq, people[pid], ws.config, back, replied_at, now), "now": now})
+    if not later:
+        return 0
+    result = conn.execute(
+        update(enrollments)
+        .where(
+            enrollments.c.id == bindparam("e_id"),
+            enrollments.c.state == "active",
+            enrollments.c.next_due_at < bindparam("when"),
+        )
+        .values(next_due_at=bindparam("when"), updated_at=bindparam("now")),
+        later,
+    )
+    return max(result.rowcount, 0)
 
 
 def _suppress_for(conn: Any, contact: Any, kind: str, detail: str | None, channel: str | None, now: datetime) -> int:

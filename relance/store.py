@@ -220,6 +220,25 @@ tasks = Table(
     Index("ix_tasks_open", "status", "owner", "due_at"),
 )
 
+mailbox_cursors = Table(
+    "mailbox_cursors",
+    metadata,
+    # Where the IMAP reader stopped in each mailbox folder. UIDs only mean something within
+    # one UIDVALIDITY (a 32-bit unsigned number, hence BigInteger): when it changes, the
+    # folder is read again and the events' dedupe keys absorb what was already seen.
+    Column("mailbox", String(320), primary_key=True),
+    Column("folder", String(300), primary_key=True),
+    Column("uidvalidity", BigInteger, nullable=False),
+    Column("last_uid", BigInteger, nullable=False),
+    # The last batch started after previous_uid (NULL: it was a first read, by date); if the
+    # event log never got the dedupe key of its last event (check_key), that batch is read
+    # again, `replayed` counting how often.
+    Column("previous_uid", BigInteger),
+    Column("check_key", String(300)),
+    Column("replayed", Integer, nullable=False, default=0),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
 DEFAULT_URL = "sqlite:///relance.db"
 
 

@@ -386,7 +386,7 @@ def test_poll_hands_only_the_mailboxes_with_imap_to_the_imap_reader(tmp_path, mo
     calls = []
     event = InboundEvent(EventKind.replied, Channel.email, NOW, "imap:1", recipient="zoe@c.example")
 
-    def poll_mailboxes(workspace, mailboxes, now):
+    def poll_mailboxes(workspace, mailboxes, now, *, tls=None):
         calls.append((workspace, [m.email for m in mailboxes], now))
         return iter([event])
 
