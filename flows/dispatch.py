@@ -48,19 +48,16 @@ def dispatch_due(ws: Workspace, now: datetime, max_batches: int | None = None) -
     progress = create_progress_artifact(progress=0.0, description=f"Dispatch at {now:%Y-%m-%d %H:%M} UTC: {due} due") if due else None
     batches = 0
     last_update = time.monotonic()
-    sending: list[Any] = []  # the previous batch's sends, still running while the next is prepared
     while (max_batches is None or batches < max_batches) and (claimed := dispatcher.claim(now)):
         batches += 1
         batch = prepare_batch(quote(dispatcher), quote(claimed), now)
         total.merge(batch.summary)
-        for future in sending:
+        futures = [send_channel.submit(quote(dispatcher), channel, quote(outbound), now) for channel, outbound in batch.outbound.items()]
+        for future in futures:
             total.merge(future.result())
-        sending = [send_channel.submit(quote(dispatcher), channel, quote(outbound), now) for channel, outbound in batch.outbound.items()]
         if progress is not None and time.monotonic() - last_update >= PROGRESS_EVERY_SECONDS:
             update_progress_artifact(progress, progress=min(100.0, 100.0 * total.claimed / max(due, 1)))
             last_update = time.monotonic()
-    for future in sending:
-        total.merge(future.result())
     if progress is not None:
         update_progress_artifact(progress, progress=100.0)
     logger.info("dispatch at %s: %s", now.isoformat(), {k: v for k, v in total.as_dict().items() if k != "errors"})

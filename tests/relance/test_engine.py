@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import timedelta
 from email import policy
@@ -206,7 +207,8 @@ def test_hostile_prospect_fields_are_rendered_as_inert_data(ws: Workspace):
     message = BytesParser(policy=policy.default).parsebytes(raw)
     assert message["Bcc"] is None and b"\r\nBcc:" not in raw.split(b"\r\n\r\n")[0]
     body = message.get_body(("plain",)).get_content()
-    assert "{{ 7*7 }} & {% raw %}" in body and "49" not in body
+    text_only = re.sub(r"https?://\S+", "", body)  # the signed opt-out link may hold any digits
+    assert "{{ 7*7 }} & {% raw %}" in body and "49" not in text_only
     if touch.variant == "a":
         assert "{{ 7*7 }}" in message["Subject"]
 
