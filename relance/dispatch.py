@@ -228,14 +228,16 @@ class Dispatcher:
                 )
             if event_rows:
                 conn.execute(insert(events), event_rows)
-            # Only an enrollment still active advances: a reply ingested meanwhile has ended it.
+            # Only an enrollment still active advances: a reply ingested meanwhile has ended it;
+            # and an auto-reply ingested meanwhile may have pushed its due time later: kept.
             if advance:
+                due = bindparam("due", type_=enrollments.c.next_due_at.type)
                 conn.execute(
                     update(enrollments)
                     .where(enrollments.c.id == bindparam("e_id"), enrollments.c.state == "active")
                     .values(
                         next_step_id=bindparam("step"),
-                        next_due_at=bindparam("due"),
+                        next_due_at=case((enrollments.c.next_due_at > due, enrollments.c.next_due_at), else_=due),
                         attempts=0,
                         lease_owner=None,
                         lease_expires_at=None,

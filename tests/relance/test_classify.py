@@ -382,3 +382,23 @@ def test_a_reply_still_ends_it_and_a_bounce_report_suppresses(ws):
     assert summary.exited == 2
     with ws.store.connect() as conn:
         assert set(conn.execute(select(suppressions.c.value)).scalars()) == {"p1@client1.example"}
+
+
+def test_an_auto_reply_arriving_while_dispatch_holds_the_enrollment_is_not_overwritten(ws):
+    (a,), intros = started(ws, 1)
+    due = state(ws)[a].next_due_at
+    dispatcher = Dispatcher(ws)
+    claimed = dispatcher.claim(due)
+    batch = dispatcher.prepare(claimed, due)  # the invite is on its way
+    raw = mail({"From": "p0@client0.example", "In-Reply-To": intros[a].message_id, "Auto-Submitted": "auto-replied",
+                "Date": format_datetime(due), "Message-ID": "<auto-race@x.example>"}, "Je suis absent, de retour le 2 avril.")
+    v = classify(raw)
+    assert (v.kind, v.detail) == (EventKind.auto_replied, "2027-04-02")
+    summary = ingest(ws, [InboundEvent(v.kind, Channel.email, due, "test:race", message_id=v.in_reply_to, detail=v.detail)], due)
+    assert summary.recorded == 1, summary
+    pushed = state(ws)[a].next_due_at
+    assert pushed >= datetime(2027, 4, 2, 9, 0, tzinfo=PARIS)
+    for channel, outbound in batch.outbound.items():
+        dispatcher.deliver(channel, outbound, due)
+    after = state(ws)[a]
+    assert after.next_step_id != "invite" and after.next_due_at == pushed  # advanced, but not brought forward
