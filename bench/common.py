@@ -97,7 +97,7 @@ TEMPLATES = {
 }
 
 
-def write_workspace(root: Path, database: str, *, batch: int = 500) -> Path:
+def write_workspace(root: Path, database: str, *, batch: int = 1000) -> Path:
     """The bench workspace: one multichannel cadence, sandbox connectors in jsonl mode."""
     if root.exists():
         shutil.rmtree(root)

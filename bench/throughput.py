@@ -132,7 +132,7 @@ def floor(url: str, work: list[Any], batch: int) -> tuple[float, float]:
 
 
 class Throughput:
-    def __init__(self, work: Path, *, sizes: dict[str, list[int]], naive_sample: int, batch: int = 500):
+    def __init__(self, work: Path, *, sizes: dict[str, list[int]], naive_sample: int, batch: int = 1000):
         self.work = work
         self.sizes = sizes  # backend -> enrollment counts
         self.naive_sample = naive_sample
@@ -251,7 +251,7 @@ class Throughput:
         s.notes = [
             f"Everyone due at once at {NOW:%Y-%m-%d %H:%M} UTC (a Tuesday, inside the window); enrollments spread over the"
             " five steps (email intro with A/B subjects, LinkedIn invite, call, email follow-up with a `when`, LinkedIn message),"
-            f" so one run sends 40 % email, 40 % LinkedIn, 20 % call. batch_size {self.batch}; capacity limits set out of reach.",
+            f" so one run sends 40 % email, 40 % LinkedIn, 20 % call. batch_size {self.batch} (the default of config.yaml); capacity limits set out of reach.",
             "- **floor**: the same templates rendered with the same sandboxed Jinja2 environment (compiled once) and the same"
             " touch rows inserted with SQLAlchemy Core executemany per batch; nothing else.",
             "- **Dispatcher.run**: claim/prepare/deliver/record without Prefect, in a fresh child process (peak RSS is its own).",

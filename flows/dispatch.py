@@ -52,9 +52,13 @@ def dispatch_due(ws: Workspace, now: datetime, max_batches: int | None = None) -
         batches += 1
         batch = prepare_batch(quote(dispatcher), quote(claimed), now)
         total.merge(batch.summary)
-        futures = [send_channel.submit(quote(dispatcher), channel, quote(outbound), now) for channel, outbound in batch.outbound.items()]
-        for future in futures:
-            total.merge(future.result())
+        if ws.store.is_postgres:  # channels send side by side
+            futures = [send_channel.submit(quote(dispatcher), channel, quote(outbound), now) for channel, outbound in batch.outbound.items()]
+            results = [future.result() for future in futures]
+        else:  # SQLite has one writer: concurrent record transactions would only queue on its lock
+            results = [send_channel(quote(dispatcher), channel, quote(outbound), now) for channel, outbound in batch.outbound.items()]
+        for result in results:
+            total.merge(result)
         if progress is not None and time.monotonic() - last_update >= PROGRESS_EVERY_SECONDS:
             update_progress_artifact(progress, progress=min(100.0, 100.0 * total.claimed / max(due, 1)))
             last_update = time.monotonic()

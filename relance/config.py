@@ -88,7 +88,7 @@ class Web(_Model):
 
 
 class Dispatch(_Model):
-    batch_size: int = Field(default=500, ge=1, le=10_000)
+    batch_size: int = Field(default=1000, ge=1, le=10_000)
     lease_seconds: int = Field(default=300, ge=10)
     max_attempts: int = Field(default=5, ge=1)
 
