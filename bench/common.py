@@ -46,6 +46,7 @@ limits:
   linkedin_per_day: {{visit: {huge}, invite: {huge}, message: {huge}}}
   linkedin_invites_per_week: {huge}
   calls_per_day: {huge}
+  email_per_recipient_domain_per_day: {huge}
 connectors:
   email: {{use: sandbox, settings: {{outbox: outbox, seed: 3, email_record: jsonl}}}}
   linkedin: {{use: sandbox, settings: {{outbox: outbox, seed: 3}}}}
