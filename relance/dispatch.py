@@ -18,7 +18,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence as Seq
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, case, func, insert, or_, select, tuple_, update
@@ -147,11 +147,27 @@ class Dispatcher:
         stmt = (
             update(enrollments)
             .where(enrollments.c.id.in_(due.scalar_subquery()))
-            .values(lease_owner=self.owner, lease_expires_at=now + self.lease)
+            .values(lease_owner=self.owner, lease_expires_at=self._lease_until(now))
             .returning(enrollments.c.id)
         )
         with self.store.begin() as conn:
             return sorted(conn.scalars(stmt))
+
+    def _lease_until(self, now: datetime) -> datetime:
+        """A lease runs from the wall clock, not from the run's `now`: a run that started ten
+        minutes ago must not hand out leases that already look expired to a run started since.
+        (A simulated `now` ahead of the wall clock keeps its own time.)"""
+        return max(now, datetime.now(UTC)) + self.lease
+
+    def renew(self, enrollment_ids: Seq[int], now: datetime) -> None:
+        """Extend this worker's leases before a provider call, so a long batch is not taken for
+        a dead worker's and reconciled while it is still sending."""
+        with self.store.begin() as conn:
+            conn.execute(
+                update(enrollments)
+                .where(enrollments.c.id.in_(list(enrollment_ids)), enrollments.c.lease_owner == self.owner)
+                .values(lease_expires_at=self._lease_until(now))
+            )
 
     # -------------------------------------------------------------- prepare
     def prepare(self, enrollment_ids: Seq[int], now: datetime) -> Batch:
@@ -167,6 +183,7 @@ class Dispatcher:
     def deliver(self, channel: Channel, outbound: list[OutboundTouch], now: datetime) -> DispatchSummary:
         """Send one channel's touches with one connector call, then record every outcome."""
         connector = self.ws.connector(channel)
+        self.renew([t.metadata["enrollment_id"] for t in outbound], now)
         try:
             results = connector.send_batch(outbound, now)
         except TransientError as exc:

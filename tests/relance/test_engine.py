@@ -443,3 +443,42 @@ def test_two_dispatchers_on_postgres_never_claim_the_same_enrollment(postgres_lo
     assert len(rows) == 400 and len({r.idempotency_key for r in rows}) == 400
     assert all(r.status == "sent" for r in rows)
     ws.close()
+
+
+def test_leases_run_from_the_wall_clock_and_are_renewed_before_a_send(backend: str, tmp_path: Path):
+    """A run that started ten minutes ago (its `now`) must not hand out leases a newer run
+    already sees as expired; and a batch's leases are renewed right before the provider call."""
+    from datetime import UTC, datetime
+
+    ws = Workspace.load(write_workspace(tmp_path / "ws", database_url(backend, tmp_path)))
+    try:
+        wall = datetime.now(UTC)
+        started = wall - timedelta(minutes=10)
+        ids = add_prospects(ws, person(1))
+        enroll(ws, ws.sequence("outbound"), ids, started - timedelta(days=7))
+        with ws.store.begin() as conn:
+            conn.execute(enrollments.update().values(next_due_at=started - timedelta(minutes=1)))
+        old_run, new_run = Dispatcher(ws), Dispatcher(ws)
+        claimed = old_run.claim(started)
+        assert len(claimed) == 1
+        lease = ws.config.dispatch.lease_seconds
+        with ws.store.connect() as conn:
+            expires = conn.scalar(select(enrollments.c.lease_expires_at))
+        assert expires >= wall + timedelta(seconds=lease - 5)
+        assert new_run.claim(wall) == []  # still held: not taken for a dead worker's
+        batch = old_run.prepare(claimed, started)
+        seen = []
+        [(channel, outbound)] = batch.outbound.items()
+        connector = ws.connector(channel)
+        send = connector.send_batch
+
+        def watching(touches, now):
+            with ws.store.connect() as conn:
+                seen.append(conn.scalar(select(enrollments.c.lease_expires_at)))
+            return send(touches, now)
+
+        connector.send_batch = watching
+        old_run.deliver(channel, outbound, started)
+        assert seen and seen[0] >= datetime.now(UTC) + timedelta(seconds=lease - 5)
+    finally:
+        ws.close()
