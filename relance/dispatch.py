@@ -18,7 +18,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence as Seq
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, case, func, insert, or_, select, tuple_, update
@@ -115,6 +115,7 @@ class Dispatcher:
         self.batch_size = ws.config.dispatch.batch_size
         self.tokens = UnsubscribeTokens(workspace_secret(ws.root, ws.config.web.secret_env))
         self._capacity: tuple[datetime, float, _Capacity] | None = None
+        self._clock: tuple[datetime, float] | None = None  # (a run's `now`, monotonic time it was first seen)
 
     def capacity(self, conn: Any, now: datetime) -> "_Capacity":
         """Rolling counts per sender, read from the touches once and then kept in memory for the
@@ -154,10 +155,13 @@ class Dispatcher:
             return sorted(conn.scalars(stmt))
 
     def _lease_until(self, now: datetime) -> datetime:
-        """A lease runs from the wall clock, not from the run's `now`: a run that started ten
-        minutes ago must not hand out leases that already look expired to a run started since.
-        (A simulated `now` ahead of the wall clock keeps its own time.)"""
-        return max(now, datetime.now(UTC)) + self.lease
+        """A lease runs from when it is handed out, not from the run's `now`: a run that started
+        ten minutes ago must not hand out leases that already look expired to a run started
+        since. So `now` is advanced by the real time elapsed since this run first used it (a
+        simulated clock stays simulated)."""
+        if self._clock is None or self._clock[0] != now:
+            self._clock = (now, time.monotonic())
+        return now + timedelta(seconds=time.monotonic() - self._clock[1]) + self.lease
 
     def renew(self, enrollment_ids: Seq[int], now: datetime) -> None:
         """Extend this worker's leases before a provider call, so a long batch is not taken for

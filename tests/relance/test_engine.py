@@ -445,40 +445,45 @@ def test_two_dispatchers_on_postgres_never_claim_the_same_enrollment(postgres_lo
     ws.close()
 
 
-def test_leases_run_from_the_wall_clock_and_are_renewed_before_a_send(backend: str, tmp_path: Path):
+def test_leases_run_from_when_they_are_handed_out_and_are_renewed_before_a_send(backend: str, tmp_path: Path, monkeypatch):
     """A run that started ten minutes ago (its `now`) must not hand out leases a newer run
     already sees as expired; and a batch's leases are renewed right before the provider call."""
-    from datetime import UTC, datetime
+    import relance.dispatch as dispatch_module
 
+    clock = [1000.0]  # the monotonic clock the dispatcher measures elapsed time with
+    monkeypatch.setattr(dispatch_module.time, "monotonic", lambda: clock[0])
     ws = Workspace.load(write_workspace(tmp_path / "ws", database_url(backend, tmp_path)))
     try:
-        wall = datetime.now(UTC)
-        started = wall - timedelta(minutes=10)
-        ids = add_prospects(ws, person(1))
-        enroll(ws, ws.sequence("outbound"), ids, started - timedelta(days=7))
-        with ws.store.begin() as conn:
-            conn.execute(enrollments.update().values(next_due_at=started - timedelta(minutes=1)))
+        started = at("2027-03-16T09:00:00")  # a Tuesday, 10:00 in Paris
+        a, b = add_prospects(ws, person(1), person(2))
+        enroll(ws, ws.sequence("outbound"), [a, b], MONDAY)
         old_run, new_run = Dispatcher(ws), Dispatcher(ws)
-        claimed = old_run.claim(started)
-        assert len(claimed) == 1
-        lease = ws.config.dispatch.lease_seconds
-        with ws.store.connect() as conn:
-            expires = conn.scalar(select(enrollments.c.lease_expires_at))
-        assert expires >= wall + timedelta(seconds=lease - 5)
-        assert new_run.claim(wall) == []  # still held: not taken for a dead worker's
-        batch = old_run.prepare(claimed, started)
-        seen = []
+        lease = timedelta(seconds=ws.config.dispatch.lease_seconds)
+
+        def lease_of(pid: int):
+            with ws.store.connect() as conn:
+                return conn.scalar(select(enrollments.c.lease_expires_at).where(enrollments.c.prospect_id == pid))
+
+        [first] = old_run.claim(started, limit=1)
+        assert lease_of(a) == started + lease
+        clock[0] += 600  # ten minutes into the old run, it claims its next batch
+        [second] = old_run.claim(started, limit=1)
+        assert lease_of(b) == started + timedelta(minutes=10) + lease
+        # A run starting now may take the first (its lease is five minutes old), never the second.
+        assert new_run.claim(started + timedelta(minutes=10)) == [first]
+
+        batch = old_run.prepare([second], started)
         [(channel, outbound)] = batch.outbound.items()
         connector = ws.connector(channel)
-        send = connector.send_batch
+        send, seen = connector.send_batch, []
 
         def watching(touches, now):
-            with ws.store.connect() as conn:
-                seen.append(conn.scalar(select(enrollments.c.lease_expires_at)))
+            seen.append(lease_of(b))
             return send(touches, now)
 
         connector.send_batch = watching
+        clock[0] += 240  # the batch took four more minutes to prepare
         old_run.deliver(channel, outbound, started)
-        assert seen and seen[0] >= datetime.now(UTC) + timedelta(seconds=lease - 5)
+        assert seen == [started + timedelta(minutes=14) + lease]  # renewed right before the call
     finally:
         ws.close()
