@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import imaplib
-import ipaddress
 import os
 import pwd
 import shutil
@@ -31,44 +30,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.connectors.local_tls import free_port, make_certificate
+
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 PASSWORD = "imap-S3cret"
 ACCOUNTS = 64  # written at start; more are added (with a pause) if a session needs them
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_certificate(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost; the certificate is its own CA."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relance test IMAP")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "imap-cert.pem", folder / "imap-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return cert_path, key_path
-
 
 CONFIG = """\
 # Throwaway Dovecot for the Relance tests.
@@ -262,7 +228,7 @@ def start_dovecot() -> Dovecot:
     root.chmod(0o755)
     for sub in ("run", "state", "mail"):
         (root / sub).mkdir()
-    cert, key = make_certificate(root)
+    cert, key = make_certificate(root, "IMAP")
     key.chmod(0o600)
     if os.geteuid() == 0:
         internal, login = pwd.getpwnam("dovecot"), pwd.getpwnam("dovenull")

@@ -9,9 +9,6 @@ generated here (`cryptography`), trusted by the client through a CA file.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import ipaddress
-import socket
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +20,8 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from tests.connectors.local_tls import free_port, make_certificate
 
 USERNAME = "marie.dupont@acme-finance.example"
 PASSWORD = "s3cret-Motdepasse"
@@ -125,11 +124,6 @@ class SmtpServer:
         self.controller.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start(recorder: Recorder | None = None, **smtp_kwargs: Any) -> SmtpServer:
     """Start a server on a free high port (retrying if another process took it meanwhile)."""
@@ -147,39 +141,9 @@ def start(recorder: Recorder | None = None, **smtp_kwargs: Any) -> SmtpServer:
     raise RuntimeError(f"could not start the SMTP test server: {last}")
 
 
-def make_certificate(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost; the certificate is its own CA file."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relance test SMTP")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "smtp-cert.pem", folder / "smtp-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
 def start_tls(folder: Path, recorder: Recorder | None = None, *, implicit: bool = False) -> SmtpServer:
     """STARTTLS required and AUTH required (USERNAME/PASSWORD); `implicit` for TLS from the first byte."""
-    cert, key = make_certificate(folder)
+    cert, key = make_certificate(folder, "SMTP")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     if implicit:  # aiosmtpd cannot tell implicit TLS is TLS: auth_require_tls=False (tests filter its warning)

@@ -421,14 +421,19 @@ steps:
 """
 
 
-def test_a_cadence_threads_its_follow_ups_on_the_first_email(server, tmp_path):
+def _smtp_workspace(server, tmp_path):
+    """The test workspace with the `threaded` cadence, sending through the aiosmtpd server."""
     root = write_workspace(tmp_path / "ws", f"sqlite:///{tmp_path / 'relance.db'}", sequences={"threaded.yaml": THREADED})
     data = yaml.safe_load((root / "config.yaml").read_text())
     data["connectors"]["email"] = {"use": "smtp", "settings": {"helo_hostname": "relance.test"}}
     for box in data["senders"]["sales"]:
         box["smtp"] = server.settings()
     (root / "config.yaml").write_text(yaml.safe_dump(data, allow_unicode=True))
-    ws = Workspace.load(root)
+    return Workspace.load(root)
+
+
+def test_a_cadence_threads_its_follow_ups_on_the_first_email(server, tmp_path):
+    ws = _smtp_workspace(server, tmp_path)
     try:
         start_at = at("2027-03-15T07:00:00")  # a Monday, 08:00 in Paris
         with ws.store.begin() as conn:
@@ -479,16 +484,6 @@ def test_a_cadence_threads_its_follow_ups_on_the_first_email(server, tmp_path):
 
 
 # ---------------------------------------------------------------- outcomes through the engine
-def _smtp_workspace(server, tmp_path):
-    root = write_workspace(tmp_path / "ws", f"sqlite:///{tmp_path / 'relance.db'}", sequences={"threaded.yaml": THREADED})
-    data = yaml.safe_load((root / "config.yaml").read_text())
-    data["connectors"]["email"] = {"use": "smtp", "settings": {"helo_hostname": "relance.test"}}
-    for box in data["senders"]["sales"]:
-        box["smtp"] = server.settings()
-    (root / "config.yaml").write_text(yaml.safe_dump(data, allow_unicode=True))
-    return Workspace.load(root)
-
-
 def _enroll(ws, emails, when):
     with ws.store.begin() as conn:
         ids = conn.execute(insert(prospects).returning(prospects.c.id, sort_by_parameter_order=True), [{
