@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, case, func, insert, or_, select, tuple_, update
+from sqlalchemy import bindparam, case, func, insert, literal, null, or_, select, tuple_, update
 
 from relance.calendar import zone_for
 from relance.channels import Capability, OutboundTouch, Sender, SendResult
@@ -34,7 +34,7 @@ from relance.planning import calendar_for, due_at, following, pick_variant, repl
 from relance.rendering import LINKEDIN_NOTE_LIMIT
 from relance.rules import apply as apply_rules, ends, finish_enrollments
 from relance.spec import Sequence, Step
-from relance.store import enrollments, events, prospects, tasks, touches
+from relance.store import UTCDateTime, bulk, datetime_param, enrollments, events, prospects, tasks, touches
 from relance.suppression import suppressed_ids
 from relance.tokens import UnsubscribeTokens, workspace_secret
 from relance.workspace import Workspace
@@ -53,6 +53,18 @@ TOUCH_DEFAULTS = dict.fromkeys(
     ("variant", "sender", "recipient", "subject", "content_hash", "message_id", "provider_message_id", "error", "lease_owner", "sent_at")
 )
 RETRYABLE_STATUSES = ("retry", "failed")
+# The hot path's writes, straight to the driver (`bulk`): one row per touch or enrollment.
+TOUCH_COLUMNS = (
+    "enrollment_id", "prospect_id", "sequence", "step_id", "channel", "action", "idempotency_key", "status",
+    "spec_version", "variant", "sender", "recipient", "subject", "content_hash", "message_id",
+    "provider_message_id", "attempts", "error", "lease_owner", "created_at", "sent_at",
+)  # fmt: skip
+INSERT_TOUCH_SQL = f"INSERT INTO touches ({', '.join(TOUCH_COLUMNS)}) VALUES ({', '.join('?' * len(TOUCH_COLUMNS))})"
+UPDATE_TOUCH_SQL = "UPDATE touches SET status = ?, attempts = ?, error = ?, provider_message_id = ?, sent_at = ?, lease_owner = NULL WHERE id = ?"
+ADVANCE_SQL = (
+    "UPDATE enrollments SET next_step_id = ?, next_due_at = CASE WHEN next_due_at > ? THEN next_due_at ELSE ? END,"
+    " attempts = 0, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ? AND state = 'active'"
+)
 CAPACITY_REFRESH_SECONDS = 10.0
 
 
@@ -202,9 +214,9 @@ class Dispatcher:
 
     def record(self, channel: Channel, outbound: list[OutboundTouch], results: Mapping[int, SendResult], now: datetime) -> DispatchSummary:
         summary = DispatchSummary()
-        touch_updates: list[dict[str, Any]] = []
-        event_rows: list[dict[str, Any]] = []
-        advance: list[dict[str, Any]] = []
+        touch_updates: list[tuple[Any, ...]] = []
+        performed: dict[EventKind, list[int]] = defaultdict(list)  # event kind -> touch ids
+        advance: list[tuple[int, str | None, datetime | None]] = []
         retry: list[dict[str, Any]] = []
         pause: list[dict[str, Any]] = []
         failures: list[tuple[OutboundTouch, str]] = []
@@ -215,61 +227,35 @@ class Dispatcher:
             attempts = meta["attempts"] + 1
             if result.error is None:
                 summary.sent[channel.value] += 1
-                touch_updates.append(_touch_update(touch, "sent", attempts, None, result.provider_message_id, now))
-                event_rows.append(_event_row(touch, PERFORMED[(channel.value, touch.action)], now, f"touch:{touch.idempotency_key}:performed"))
-                advance.append({"e_id": meta["enrollment_id"], "step": meta["next_step_id"], "due": meta["next_due_at"], "now": now})
+                touch_updates.append(("sent", attempts, None, result.provider_message_id, now, touch.touch_id))
+                performed[PERFORMED[(channel.value, touch.action)]].append(touch.touch_id)
+                advance.append((meta["enrollment_id"], meta["next_step_id"], meta["next_due_at"]))
             elif isinstance(result.error, TransientError) and attempts < max_attempts:
                 summary.retried[channel.value] += 1
-                touch_updates.append(_touch_update(touch, "retry", attempts, str(result.error), None, now))
+                touch_updates.append(("retry", attempts, str(result.error), None, None, touch.touch_id))
                 delay = max(result.error.retry_after or 0.0, 60.0 * 2 ** (attempts - 1))
                 retry.append({"e_id": meta["enrollment_id"], "due": now + timedelta(seconds=min(delay, 6 * 3600)), "now": now})
             elif isinstance(result.error, OutcomeUnknown):
                 summary.failed[channel.value] += 1
-                touch_updates.append(_touch_update(touch, "unknown", attempts, str(result.error), None, now))
+                touch_updates.append(("unknown", attempts, str(result.error), None, None, touch.touch_id))
                 pause.append({"e_id": meta["enrollment_id"], "reason": f"send outcome unknown: {result.error}", "now": now})
             else:
                 summary.failed[channel.value] += 1
                 reason = f"{type(result.error).__name__}: {result.error}"
-                touch_updates.append(_touch_update(touch, "failed", attempts, reason, None, now))
+                touch_updates.append(("failed", attempts, reason, None, None, touch.touch_id))
                 failures.append((touch, reason))
         with self.store.begin() as conn:
-            if touch_updates:
-                conn.execute(
-                    update(touches)
-                    .where(touches.c.id == bindparam("t_id"))
-                    .values(
-                        status=bindparam("status"),
-                        attempts=bindparam("attempts"),
-                        error=bindparam("error"),
-                        provider_message_id=bindparam("provider_message_id"),
-                        sent_at=bindparam("sent_at"),
-                        lease_owner=None,
-                    ),
-                    touch_updates,
-                )
-            if event_rows:
-                conn.execute(insert(events), event_rows)
+            at = datetime_param(conn.dialect)
+            bulk(conn, UPDATE_TOUCH_SQL, [(*u[:4], at(u[4]), u[5]) for u in touch_updates])
+            for kind, ids in performed.items():
+                conn.execute(_performed_events(kind, ids, now))
             # Only an enrollment still active advances: a reply ingested meanwhile has ended it;
             # and an auto-reply ingested meanwhile may have pushed its due time later: kept.
-            if advance:
-                due = bindparam("due", type_=enrollments.c.next_due_at.type)
-                conn.execute(
-                    update(enrollments)
-                    .where(enrollments.c.id == bindparam("e_id"), enrollments.c.state == "active")
-                    .values(
-                        next_step_id=bindparam("step"),
-                        next_due_at=case((enrollments.c.next_due_at > due, enrollments.c.next_due_at), else_=due),
-                        attempts=0,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        updated_at=bindparam("now"),
-                    ),
-                    advance,
-                )
-                done = [a["e_id"] for a in advance if a["step"] is None]
-                if done:
-                    summary.completed += len(done)
-                    finish_enrollments(conn, self.ws, done, "completed", "all steps done", now)
+            bulk(conn, ADVANCE_SQL, [(step, at(due), at(due), at(now), e_id) for e_id, step, due in advance])
+            done = [e_id for e_id, step, _ in advance if step is None]
+            if done:
+                summary.completed += len(done)
+                finish_enrollments(conn, self.ws, done, "completed", "all steps done", now)
             if retry:
                 conn.execute(
                     update(enrollments)
@@ -360,15 +346,18 @@ class Dispatcher:
         return total
 
 
-def _touch_update(touch: OutboundTouch, status: str, attempts: int, error: str | None, provider_id: str | None, now: datetime) -> dict[str, Any]:
-    return {
-        "t_id": touch.touch_id,
-        "status": status,
-        "attempts": attempts,
-        "error": error,
-        "provider_message_id": provider_id,
-        "sent_at": now if status == "sent" else None,
-    }
+def _performed_events(kind: EventKind, touch_ids: list[int], now: datetime) -> Any:
+    """The events of touches just performed, copied from their rows in one statement."""
+    at = literal(now, UTCDateTime())
+    return insert(events).from_select(
+        ["occurred_at", "recorded_at", "kind", "channel", "detail", "prospect_id", "enrollment_id", "touch_id",
+         "sequence", "step_id", "variant", "sender", "payload", "dedupe_key"],
+        select(
+            at, at, literal(kind.value), touches.c.channel, null(), touches.c.prospect_id, touches.c.enrollment_id,
+            touches.c.id, touches.c.sequence, touches.c.step_id, touches.c.variant, touches.c.sender,
+            literal({}, events.c.payload.type), "touch:" + touches.c.idempotency_key + ":performed",
+        ).where(touches.c.id.in_(touch_ids)),
+    )  # fmt: skip
 
 
 def _event_row(touch: OutboundTouch, kind: EventKind, now: datetime, dedupe: str, detail: str | None = None) -> dict[str, Any]:
@@ -628,10 +617,13 @@ class _Preparer:
         fresh = [(v, o, t) for v, o, t in self.new_touches if "id" not in v]
         again = [v for v, _, _ in self.new_touches if "id" in v]
         if fresh:
-            rows = [{**TOUCH_DEFAULTS, **v} for v, _, _ in fresh]  # executemany wants one shape
-            ids = conn.execute(insert(touches).returning(touches.c.id, sort_by_parameter_order=True), rows).scalars().all()
-            for touch_id, (values, outbound, task) in zip(ids, fresh, strict=True):
-                values["id"] = touch_id
+            at = datetime_param(conn.dialect)
+            rows = [{**TOUCH_DEFAULTS, **v} for v, _, _ in fresh]
+            bulk(conn, INSERT_TOUCH_SQL, [(*(r[c] for c in TOUCH_COLUMNS[:-2]), at(r["created_at"]), at(r["sent_at"])) for r in rows])
+            keys = [r["idempotency_key"] for r in rows]
+            ids = dict(conn.execute(select(touches.c.idempotency_key, touches.c.id).where(touches.c.idempotency_key.in_(keys))).all())
+            for values, outbound, task in fresh:
+                touch_id = values["id"] = ids[values["idempotency_key"]]
                 if outbound is not None:
                     outbound.touch_id = touch_id
                 if task is not None:
