@@ -51,9 +51,29 @@ def condition_names(expression: str) -> set[str]:
     return set(meta.find_undeclared_variables(ast))
 
 
+@lru_cache(maxsize=1024)
+def reads_prospect(expression: str) -> bool:
+    """Whether the expression reads any prospect field (else only the event functions)."""
+    return not condition_names(expression) <= set(CONDITION_FUNCTIONS)
+
+
 def evaluate(expression: str, prospect: Mapping[str, Any], events: Iterable[tuple[str, str | None]]) -> bool:
-    """Evaluate against the prospect and the enrollment's (kind, step_id) events."""
-    seen = list(events)
+    """Evaluate against the prospect and the enrollment's (kind, step_id) events.
+
+    A condition on events alone is computed once per distinct event history: dispatch
+    evaluates the same `not opened('intro')` for thousands of prospects."""
+    seen = tuple(events)
+    if reads_prospect(expression):
+        return _evaluate(expression, prospect, seen)
+    return _evaluate_on_events(expression, seen)
+
+
+@lru_cache(maxsize=4096)
+def _evaluate_on_events(expression: str, seen: tuple[tuple[str, str | None], ...]) -> bool:
+    return _evaluate(expression, {}, seen)
+
+
+def _evaluate(expression: str, prospect: Mapping[str, Any], seen: tuple[tuple[str, str | None], ...]) -> bool:
 
     def has(kind: EventKind, step: str | None) -> bool:
         return any(k == kind and (step is None or s == step) for k, s in seen)

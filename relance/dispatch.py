@@ -404,6 +404,8 @@ class _Preparer:
         self.pauses: list[dict[str, Any]] = []
         self.finished: dict[str, list[int]] = defaultdict(list)  # kind -> enrollment ids
         self.events: list[dict[str, Any]] = []
+        self._manual: dict[Channel, bool] = {}
+        self._senders: dict[tuple[bool, str | None, str | None], Sender | None] = {}
 
     def run(self, ids: list[int]) -> None:
         conn = self.conn
@@ -445,25 +447,27 @@ class _Preparer:
         if seq is None:
             return self.pause(row.id, f"sequence {row.sequence!r} is no longer in the workspace")
         prospect = self.prospect_of[row.id]
-        history = self.history[row.id]
-        done = [t.step_id for t in history if t.status in DONE_STATUSES]
-        step = step_after(seq, done, row.next_step_id)
+        history = self.history.get(row.id, ())
+        step = step_after(seq, [t.step_id for t in history if t.status in DONE_STATUSES], row.next_step_id)
         if step is None:
             return self.finish(row.id, "completed")
-        if any(t.step_id == step.id and t.status in DONE_STATUSES for t in history):  # ran already
-            return self.move(row.id, following(seq, step.id), prospect, seq)
-        if any(t.step_id == step.id and t.status == "unknown" for t in history):
-            return self.pause(row.id, f"step {step.id!r}: send outcome unknown, reconcile it before resuming")
-        ending = next((kind for kind, detail in self.details[row.id] if ends(seq, kind, detail)), None)
-        if ending is not None:
-            return self.finish(row.id, ending)
+        if history:
+            if any(t.step_id == step.id and t.status in DONE_STATUSES for t in history):  # ran already
+                return self.move(row.id, following(seq, step.id), prospect, seq)
+            if any(t.step_id == step.id and t.status == "unknown" for t in history):
+                return self.pause(row.id, f"step {step.id!r}: send outcome unknown, reconcile it before resuming")
+        details = self.details.get(row.id)
+        if details:
+            ending = next((kind for kind, detail in details if ends(seq, kind, detail)), None)
+            if ending is not None:
+                return self.finish(row.id, ending)
         if prospect["id"] in self.suppressed and step.channel != Channel.task:
             return self.finish(row.id, "suppressed", reason=self.suppressed[prospect["id"]])
         cal = calendar_for(seq.schedule, prospect, self.ws.config)
         if not cal.is_open(self.now):
             self.summary.deferred += 1
             return self.reschedule(row.id, due_at(seq, None, prospect, self.ws.config, self.now))
-        if step.when and not evaluate(step.when, prospect, self.seen[row.id]):
+        if step.when and not evaluate(step.when, prospect, self.seen.get(row.id, ())):
             return self.skip(row, seq, step, prospect, "condition not met")
         recipient = _recipient(step, prospect)
         if recipient is None:
@@ -471,15 +475,27 @@ class _Preparer:
         sender = self.sender_for(row, seq, step)
         if sender is None:
             return self.pause(row.id, f"sender {row.sender!r} is no longer in config.yaml: assign a mailbox, then resume")
-        manual = step.channel == Channel.task or Capability.manual in type(self.ws.connector(step.channel)).capabilities
         if not self.capacity.take(sender.address, step, recipient):
             self.summary.deferred += 1
             later = self.capacity.retry_at(step)
             return self.reschedule(row.id, due_at(seq, None, prospect, self.ws.config, later))
-        retry_touch = next((t for t in history if t.step_id == step.id and t.status in RETRYABLE_STATUSES), None)
+        manual = self.manual(step.channel)
+        retry_touch = next((t for t in history if t.step_id == step.id and t.status in RETRYABLE_STATUSES), None) if history else None
         self.touch(row, seq, step, prospect, recipient, sender, manual, retry_touch, history)
 
+    def manual(self, channel: Channel) -> bool:
+        """Whether this channel's touches become tasks for a person rather than sends."""
+        if channel not in self._manual:
+            self._manual[channel] = channel == Channel.task or Capability.manual in type(self.ws.connector(channel)).capabilities
+        return self._manual[channel]
+
     def sender_for(self, row: Any, seq: Sequence, step: Step) -> Sender | None:
+        key = (step.channel == Channel.email, row.sender, seq.owner)
+        if key not in self._senders:
+            self._senders[key] = self._sender(row, seq, step)
+        return self._senders[key]
+
+    def _sender(self, row: Any, seq: Sequence, step: Step) -> Sender | None:
         if step.channel == Channel.email:
             box = self.ws.config.mailbox(row.sender) if row.sender else None
             return Sender(box.email, box.name, box.signature) if box else None
@@ -697,8 +713,15 @@ class _Capacity:
             ):
                 self.by_domain[(sender, (dom or "").lower())] = int(n)
         self.today = now.astimezone(zone_for(None, ws.config.timezone)).date()
+        self._limits: dict[tuple[str, Channel, str], dict[str, int]] = {}
 
     def limits(self, sender: str, step: Step) -> dict[str, int]:
+        key = (sender, step.channel, step.action)
+        if key not in self._limits:
+            self._limits[key] = self._read_limits(sender, step)
+        return self._limits[key]
+
+    def _read_limits(self, sender: str, step: Step) -> dict[str, int]:
         cfg = self.ws.config
         if step.channel == Channel.email:
             box = cfg.mailbox(sender)

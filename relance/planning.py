@@ -115,15 +115,31 @@ def pick_variant(variants: Seq[Variant], seq_name: str, step_id: str, prospect_i
 def touch_context(
     config: Config, seq: Sequence, step: Step, prospect: Mapping[str, Any], sender: Mapping[str, str], unsubscribe_url: str
 ) -> dict[str, Any]:
-    """The variables a template sees; validate, preview and dispatch all render with this."""
+    """The variables a template sees; validate, preview and dispatch all render with this.
+
+    The parts that are the same for every prospect are built once and shared: templates run
+    in an immutable sandbox, so none can change them for the next one."""
     return {
         "prospect": dict(prospect),
         "sender": {"name": sender.get("name", ""), "email": sender.get("email", ""), "signature": sender.get("signature", "")},
-        "company": config.company.model_dump(),
+        "company": _shared(config.company, lambda c: c.model_dump()),
         "unsubscribe_url": unsubscribe_url,
-        "sequence": {"name": seq.name, "description": seq.description, "owner": seq.owner, "language": seq.language, "kind": seq.kind},
-        "step": {"id": step.id, "channel": step.channel.value, "action": step.action},
+        "sequence": _shared(seq, lambda q: {"name": q.name, "description": q.description, "owner": q.owner, "language": q.language, "kind": q.kind}),
+        "step": _shared(step, lambda t: {"id": t.id, "channel": t.channel.value, "action": t.action}),
     }
+
+
+_SHARED: dict[int, tuple[Any, dict[str, Any]]] = {}
+
+
+def _shared(model: Any, build: Any) -> dict[str, Any]:
+    """`build(model)`, kept per model object (by identity, the object kept so its id cannot be reused)."""
+    entry = _SHARED.get(id(model))
+    if entry is None or entry[0] is not model:
+        if len(_SHARED) >= 4096:
+            _SHARED.clear()
+        entry = _SHARED[id(model)] = (model, build(model))
+    return entry[1]
 
 
 def step_templates(step: Step, variant: Variant | None) -> tuple[str | None, str | None]:

@@ -310,11 +310,16 @@ class Sequence(_Model):
             raise _located(("sender",), "a sequence with email steps needs sender: {pool: NAME}")
         return self
 
+    @cached_property  # looked up several times per touch dispatched
+    def _positions(self) -> dict[str, int]:
+        return {s.id: i for i, s in enumerate(self.steps)}
+
     def step(self, step_id: str) -> Step | None:
-        return next((s for s in self.steps if s.id == step_id), None)
+        index = self._positions.get(step_id)
+        return None if index is None else self.steps[index]
 
     def index_of(self, step_id: str) -> int | None:
-        return next((i for i, s in enumerate(self.steps) if s.id == step_id), None)
+        return self._positions.get(step_id)
 
 
 class _Located(ValueError):

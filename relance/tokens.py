@@ -35,16 +35,22 @@ class UnsubscribeTokens:
 
     def __init__(self, secret: str):
         self._signer = Signer(secret, salt=_SALT)
-        # itsdangerous derives the HMAC key from the secret on every call: do it once.
+        # itsdangerous derives the HMAC key from the secret on every call, and hands hmac a
+        # hash constructor (its pure-Python path): derive once, sign with OpenSSL's one-shot
+        # HMAC by digest name. Same signature as the Signer's.
         self._key = self._signer.derive_key()
+        self._digest = self._signer.digest_method().name
+
+    def _signature(self, value: bytes) -> str:
+        return hmac.digest(self._key, value, self._digest).hex()[:SIGNATURE_HEX]
 
     def make(self, prospect_id: int, enrollment_id: int | None = None) -> str:
-        value = f"{prospect_id}.{'' if enrollment_id is None else enrollment_id}".encode()
-        return (value + b"." + self._signer.algorithm.get_signature(self._key, value).hex().encode()[:SIGNATURE_HEX]).decode()
+        value = f"{prospect_id}.{'' if enrollment_id is None else enrollment_id}"
+        return f"{value}.{self._signature(value.encode())}"
 
     def read(self, token: str) -> tuple[int, int | None]:
         value, _, signature = token.encode().rpartition(b".")
-        expected = self._signer.algorithm.get_signature(self._key, value).hex().encode()[:SIGNATURE_HEX]
+        expected = self._signature(value).encode()
         if not value or not hmac.compare_digest(signature, expected):
             raise TerminalError("invalid or forged unsubscribe token")
         prospect, _, enrollment = value.decode().partition(".")
