@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.context import SyncClientContext
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
@@ -73,12 +75,23 @@ def dispatch_due(ws: Workspace, now: datetime, max_batches: int | None = None) -
 
 
 @flow(name="dispatch", log_prints=False)
-def dispatch(workspace: str = ".", now: datetime | None = None, max_batches: int | None = None) -> dict[str, Any]:
-    ws = open_workspace(workspace)
-    try:
-        return dispatch_due(ws, clock(now), max_batches).as_dict()
-    finally:
-        ws.close()
+async def dispatch(workspace: str = ".", now: datetime | None = None, max_batches: int | None = None) -> dict[str, Any]:
+    """Async only at the top: Prefect joins a sync flow's heartbeat thread at exit, and that
+    thread sleeps in 1 s steps, so every sync run ended with up to a second of idle wait.
+    The work itself is plain sync code, in a thread of its own (Prefect's run context goes
+    with it); call with `asyncio.run(dispatch(...))` from sync code."""
+    return await asyncio.to_thread(_dispatch, workspace, now, max_batches)
+
+
+def _dispatch(workspace: str, now: datetime | None, max_batches: int | None) -> dict[str, Any]:
+    # One API client for all the run's tasks: without it, each task in this thread would
+    # build its own (a new TLS context each, some milliseconds).
+    with SyncClientContext.get_or_create():
+        ws = open_workspace(workspace)
+        try:
+            return dispatch_due(ws, clock(now), max_batches).as_dict()
+        finally:
+            ws.close()
 
 
 def _markdown(now: datetime, summary: dict[str, Any]) -> str:
