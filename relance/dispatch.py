@@ -128,6 +128,7 @@ class Dispatcher:
         self.tokens = UnsubscribeTokens(workspace_secret(ws.root, ws.config.web.secret_env))
         self._capacity: tuple[datetime, float, _Capacity] | None = None
         self._clock: tuple[datetime, float] | None = None  # (a run's `now`, monotonic time it was first seen)
+        self._granted = 0.0  # monotonic time the last leases were handed out or renewed
 
     def capacity(self, conn: Any, now: datetime) -> "_Capacity":
         """Rolling counts per sender, read from the touches once and then kept in memory for the
@@ -164,7 +165,9 @@ class Dispatcher:
             .returning(enrollments.c.id)
         )
         with self.store.begin() as conn:
-            return sorted(conn.scalars(stmt))
+            ids = sorted(conn.scalars(stmt))
+        self._granted = time.monotonic()
+        return ids
 
     def _lease_until(self, now: datetime) -> datetime:
         """A lease runs from when it is handed out, not from the run's `now`: a run that started
@@ -177,7 +180,11 @@ class Dispatcher:
 
     def renew(self, enrollment_ids: Seq[int], now: datetime) -> None:
         """Extend this worker's leases before a provider call, so a long batch is not taken for
-        a dead worker's and reconciled while it is still sending."""
+        a dead worker's and reconciled while it is still sending. Leases handed out less than
+        a third of their length ago are left as they are (sends follow their claim)."""
+        if time.monotonic() - self._granted < self.lease.total_seconds() / 3:
+            return
+        self._granted = time.monotonic()
         with self.store.begin() as conn:
             conn.execute(
                 update(enrollments)

@@ -10,12 +10,12 @@ from collections.abc import Iterable, Mapping
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import String, bindparam, cast, insert, literal, null, select, update
 
 from relance.events import Channel, EventKind, SUPPRESSING_KINDS
 from relance.planning import calendar_for, due_at
 from relance.spec import Sequence
-from relance.store import enrollments, events, prospects
+from relance.store import UTCDateTime, enrollments, events, prospects
 from relance.suppression import suppress
 
 # Kinds that end every cadence of the prospect whatever its exit_on says.
@@ -53,17 +53,17 @@ def finish_enrollments(conn: Any, ws: Any, ids: Iterable[int], kind: str, reason
         .where(enrollments.c.id.in_([r.id for r in rows]))
         .values(state=state, reason=reason, next_due_at=None, lease_owner=None, lease_expires_at=None, updated_at=now)
     )
-    if state == "completed":
+    if state == "completed":  # one statement, not a row per enrollment: dispatch completes thousands
+        at = literal(now, UTCDateTime())
         conn.execute(
-            insert(events),
-            [
-                {
-                    "occurred_at": now, "recorded_at": now, "kind": EventKind.completed.value, "channel": None,
-                    "prospect_id": r.prospect_id, "enrollment_id": r.id, "sequence": r.sequence, "payload": {},
-                    "dedupe_key": f"enrollment:{r.id}:completed",
-                }
-                for r in rows
-            ],
+            insert(events).from_select(
+                ["occurred_at", "recorded_at", "kind", "channel", "prospect_id", "enrollment_id", "sequence", "payload", "dedupe_key"],
+                select(
+                    at, at, literal(EventKind.completed.value), null(), enrollments.c.prospect_id, enrollments.c.id,
+                    enrollments.c.sequence, literal({}, events.c.payload.type),
+                    "enrollment:" + cast(enrollments.c.id, String) + ":completed",
+                ).where(enrollments.c.id.in_([r.id for r in rows])),
+            )
         )
     routes: dict[str, list[int]] = defaultdict(list)
     for r in rows:
