@@ -3,6 +3,8 @@ Dispatcher.run, against the floor and the naive design measured in the same run.
 
 from __future__ import annotations
 
+import asyncio
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +166,7 @@ class Throughput:
         url = self._seeded("sqlite", 200, "warmup")
         root = self._root("warmup", url)
         with timed() as t:
-            dispatch(workspace=str(root), now=NOW)
+            asyncio.run(dispatch(workspace=str(root), now=NOW))
         return t.seconds
 
     def _attempt(self, what: str, fn: Any) -> None:
@@ -226,7 +228,7 @@ class Throughput:
         for attempt in range(3):
             with timed() as t:
                 try:
-                    summary = dispatch(workspace=str(root), now=NOW)
+                    summary = asyncio.run(dispatch(workspace=str(root), now=NOW))
                     break
                 except Exception as exc:
                     # Before the flow run exists (a 503 from a swamped temporary server), nothing

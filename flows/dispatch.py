@@ -40,14 +40,17 @@ def send_channel(dispatcher: Dispatcher, channel: Channel, outbound: list[Outbou
 
 
 def dispatch_due(ws: Workspace, now: datetime, max_batches: int | None = None) -> DispatchSummary:
-    """The body of a dispatch run: callable inside any flow (the `tick` flow reuses it)."""
+    """The body of a dispatch run: callable inside any flow (the `tick` flow reuses it).
+
+    Sync code, also under the async `dispatch` flow: the artifact calls say `_sync=True`, or
+    Prefect would hand back coroutines because the flow is async."""
     logger = get_run_logger()
     dispatcher = Dispatcher(ws)
     dispatcher.reconcile(now)
     due = count_due(ws, now)
     total = DispatchSummary()
     # Most runs of a minute-by-minute schedule find nothing due: no artifact for those.
-    progress = create_progress_artifact(progress=0.0, description=f"Dispatch at {now:%Y-%m-%d %H:%M} UTC: {due} due") if due else None
+    progress = create_progress_artifact(progress=0.0, description=f"Dispatch at {now:%Y-%m-%d %H:%M} UTC: {due} due", _sync=True) if due else None
     batches = 0
     last_update = time.monotonic()
     while (max_batches is None or batches < max_batches) and (claimed := dispatcher.claim(now)):
@@ -62,15 +65,15 @@ def dispatch_due(ws: Workspace, now: datetime, max_batches: int | None = None) -
         for result in results:
             total.merge(result)
         if progress is not None and time.monotonic() - last_update >= PROGRESS_EVERY_SECONDS:
-            update_progress_artifact(progress, progress=min(100.0, 100.0 * total.claimed / max(due, 1)))
+            update_progress_artifact(progress, progress=min(100.0, 100.0 * total.claimed / max(due, 1)), _sync=True)
             last_update = time.monotonic()
     if progress is not None:
-        update_progress_artifact(progress, progress=100.0)
+        update_progress_artifact(progress, progress=100.0, _sync=True)
     logger.info("dispatch at %s: %s", now.isoformat(), {k: v for k, v in total.as_dict().items() if k != "errors"})
     for error in total.errors[:20]:
         logger.warning(error)
     if total.claimed:
-        create_markdown_artifact(markdown=_markdown(now, total.as_dict()), key="dispatch-summary", description="Last dispatch")
+        create_markdown_artifact(markdown=_markdown(now, total.as_dict()), key="dispatch-summary", description="Last dispatch", _sync=True)
     return total
 
 

@@ -3,6 +3,7 @@ next to the web app, so nothing but Python is needed (no Prefect server, no work
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from pathlib import Path
@@ -41,6 +42,8 @@ def _logged(name: str, flow, path: str):
     def job() -> None:
         try:
             result = flow(workspace=path)
+            if asyncio.iscoroutine(result):  # an async flow (dispatch)
+                result = asyncio.run(result)
         except Exception:  # the next tick runs anyway; the flow run itself is Failed in Prefect
             log.exception("%s failed", name)
             return

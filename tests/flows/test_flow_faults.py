@@ -3,6 +3,8 @@ where the operator of a deployment looks, not only in the store."""
 
 from __future__ import annotations
 
+import asyncio
+
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ def test_terminal_failures_are_reported_in_the_dispatch_run(backend: str, tmp_pa
     enroll_many(ws, 2)
     ws.close()
 
-    state = dispatch(workspace=str(root), now=START, return_state=True)
+    state = asyncio.run(dispatch(workspace=str(root), now=START, return_state=True))
     assert state.is_completed()
     summary = state.result()
     ws = Workspace.load(root)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from pathlib import Path
 
 import pytest
@@ -39,10 +41,10 @@ def test_enroll_dispatch_ingest_report_flows(root: Path):
     result = enroll(sequence="outbound", workspace=str(root), csv_file=str(root / "prospects.csv"), now=start)
     assert result["imported"] == 2 and len(result["rejected"]) == 1 and result["enrolled"] == 2
 
-    summary = dispatch(workspace=str(root), now=at("2027-03-15T09:30:00"))
+    summary = asyncio.run(dispatch(workspace=str(root), now=at("2027-03-15T09:30:00")))
     assert summary["claimed"] == 2 and summary["sent"] == {"email": 2}
     assert ingest(workspace=str(root), now=at("2027-03-16T09:30:00"))["recorded"] >= 2  # delivered events
-    later = dispatch(workspace=str(root), now=at("2027-03-16T10:30:00"))
+    later = asyncio.run(dispatch(workspace=str(root), now=at("2027-03-16T10:30:00")))
     assert later["sent"] == {"linkedin": 2}
 
     out = report(workspace=str(root))
@@ -66,7 +68,7 @@ def test_dispatch_runs_one_task_per_batch_and_channel_and_publishes_artifacts(ro
     enroll_prospects(ws, ws.sequence("outbound"), ids, at("2027-03-15T07:00:00"))
     ws.close()
 
-    state = dispatch(workspace=str(root), now=at("2027-03-15T09:30:00"), return_state=True)
+    state = asyncio.run(dispatch(workspace=str(root), now=at("2027-03-15T09:30:00"), return_state=True))
     assert state.is_completed()
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [state.state_details.flow_run_id]}))
