@@ -81,3 +81,17 @@ def test_dispatch_runs_one_task_per_batch_and_channel_and_publishes_artifacts(ro
         assert len(summary) == 1 and "| claimed | 2 |" in summary[0].data
         progress = [a for a in ours if a.type == "progress"]
         assert len(progress) == 1 and progress[0].data == 100.0
+
+
+def test_the_serve_scheduler_runs_the_async_dispatch_flow(root: Path, caplog):
+    """`relance serve` fires the flows from APScheduler's threads: the async dispatch flow
+    is run to completion there, not left as an unawaited coroutine."""
+    import logging
+
+    from relance.serve import build_scheduler
+
+    scheduler, ws = build_scheduler(root)
+    ws.close()
+    with caplog.at_level(logging.INFO, logger="relance.serve"):
+        scheduler.get_job("dispatch").func()
+    assert [r.getMessage() for r in caplog.records if r.name == "relance.serve"] == ["dispatch: nothing to do"]
