@@ -34,7 +34,7 @@ from relance.planning import calendar_for, due_at, following, pick_variant, repl
 from relance.rendering import LINKEDIN_NOTE_LIMIT
 from relance.rules import apply as apply_rules, ends, finish_enrollments
 from relance.spec import Sequence, Step
-from relance.store import UTCDateTime, bulk, datetime_param, enrollments, events, prospects, tasks, touches
+from relance.store import UTCDateTime, among, bulk, datetime_param, enrollments, events, prospects, tasks, touches
 from relance.suppression import suppressed_ids
 from relance.tokens import UnsubscribeTokens, workspace_secret
 from relance.workspace import Workspace
@@ -188,7 +188,7 @@ class Dispatcher:
         with self.store.begin() as conn:
             conn.execute(
                 update(enrollments)
-                .where(enrollments.c.id.in_(list(enrollment_ids)), enrollments.c.lease_owner == self.owner)
+                .where(among(conn, enrollments.c.id, enrollment_ids), enrollments.c.lease_owner == self.owner)
                 .values(lease_expires_at=self._lease_until(now))
             )
 
@@ -255,7 +255,7 @@ class Dispatcher:
             at = datetime_param(conn.dialect)
             bulk(conn, UPDATE_TOUCH_SQL, [(*u[:4], at(u[4]), u[5]) for u in touch_updates])
             for kind, ids in performed.items():
-                conn.execute(_performed_events(kind, ids, now))
+                conn.execute(_performed_events(kind, among(conn, touches.c.id, ids), now))
             # Only an enrollment still active advances: a reply ingested meanwhile has ended it;
             # and an auto-reply ingested meanwhile may have pushed its due time later: kept.
             bulk(conn, ADVANCE_SQL, [(step, at(due), at(due), at(now), e_id) for e_id, step, due in advance])
@@ -353,7 +353,7 @@ class Dispatcher:
         return total
 
 
-def _performed_events(kind: EventKind, touch_ids: list[int], now: datetime) -> Any:
+def _performed_events(kind: EventKind, these_touches: Any, now: datetime) -> Any:
     """The events of touches just performed, copied from their rows in one statement."""
     at = literal(now, UTCDateTime())
     return insert(events).from_select(
@@ -363,7 +363,7 @@ def _performed_events(kind: EventKind, touch_ids: list[int], now: datetime) -> A
             at, at, literal(kind.value), touches.c.channel, null(), touches.c.prospect_id, touches.c.enrollment_id,
             touches.c.id, touches.c.sequence, touches.c.step_id, touches.c.variant, touches.c.sender,
             literal({}, events.c.payload.type), "touch:" + touches.c.idempotency_key + ":performed",
-        ).where(touches.c.id.in_(touch_ids)),
+        ).where(these_touches),
     )  # fmt: skip
 
 
@@ -419,7 +419,7 @@ class _Preparer:
         rows = conn.execute(
             select(enrollments.c.id, enrollments.c.sequence, enrollments.c.next_step_id, enrollments.c.sender, *PROSPECT_COLUMNS)
             .join(prospects, prospects.c.id == enrollments.c.prospect_id)
-            .where(enrollments.c.id.in_(ids), enrollments.c.lease_owner == self.d.owner, enrollments.c.state == "active")
+            .where(among(conn, enrollments.c.id, ids), enrollments.c.lease_owner == self.d.owner, enrollments.c.state == "active")
         ).all()
         names = [c.name for c in PROSPECT_COLUMNS]
         self.prospect_of = {r[0]: dict(zip(names, r[4:])) for r in rows}
@@ -427,14 +427,14 @@ class _Preparer:
         self.history: dict[int, list[Any]] = defaultdict(list)
         for t in conn.execute(
             select(touches.c.enrollment_id, touches.c.id, touches.c.step_id, touches.c.status, touches.c.message_id, touches.c.subject, touches.c.attempts).where(
-                touches.c.enrollment_id.in_(ids)
+                among(conn, touches.c.enrollment_id, ids)
             )
         ):
             self.history[t.enrollment_id].append(t)
         self.seen: dict[int, list[tuple[str, str | None]]] = defaultdict(list)
         self.details: dict[int, list[tuple[str, str | None]]] = defaultdict(list)  # (kind, detail): what may end it
         for e in conn.execute(
-            select(events.c.enrollment_id, events.c.kind, events.c.step_id, events.c.detail).where(events.c.enrollment_id.in_(ids))
+            select(events.c.enrollment_id, events.c.kind, events.c.step_id, events.c.detail).where(among(conn, events.c.enrollment_id, ids))
         ):
             self.seen[e.enrollment_id].append((e.kind, e.step_id))
             self.details[e.enrollment_id].append((e.kind, e.detail))
@@ -644,7 +644,7 @@ class _Preparer:
             rows = [{**TOUCH_DEFAULTS, **v} for v, _, _ in fresh]
             bulk(conn, INSERT_TOUCH_SQL, [(*(r[c] for c in TOUCH_COLUMNS[:-2]), at(r["created_at"]), at(r["sent_at"])) for r in rows])
             keys = [r["idempotency_key"] for r in rows]
-            ids = dict(conn.execute(select(touches.c.idempotency_key, touches.c.id).where(touches.c.idempotency_key.in_(keys))).all())
+            ids = dict(conn.execute(select(touches.c.idempotency_key, touches.c.id).where(among(conn, touches.c.idempotency_key, keys))).all())
             for values, outbound, task in fresh:
                 touch_id = values["id"] = ids[values["idempotency_key"]]
                 if outbound is not None:

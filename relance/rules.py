@@ -15,7 +15,7 @@ from sqlalchemy import String, bindparam, cast, insert, literal, null, select, u
 from relance.events import Channel, EventKind, SUPPRESSING_KINDS
 from relance.planning import calendar_for, due_at
 from relance.spec import Sequence
-from relance.store import UTCDateTime, enrollments, events, prospects
+from relance.store import UTCDateTime, among, enrollments, events, prospects
 from relance.suppression import suppress
 
 # Kinds that end every cadence of the prospect whatever its exit_on says.
@@ -43,14 +43,14 @@ def finish_enrollments(conn: Any, ws: Any, ids: Iterable[int], kind: str, reason
     state = "completed" if kind == "completed" else "exited"
     rows = conn.execute(
         select(enrollments.c.id, enrollments.c.prospect_id, enrollments.c.sequence).where(
-            enrollments.c.id.in_(ids), enrollments.c.state.in_(("active", "paused"))
+            among(conn, enrollments.c.id, ids), enrollments.c.state.in_(("active", "paused"))
         )
     ).all()
     if not rows:
         return
     conn.execute(
         update(enrollments)
-        .where(enrollments.c.id.in_([r.id for r in rows]))
+        .where(among(conn, enrollments.c.id, [r.id for r in rows]))
         .values(state=state, reason=reason, next_due_at=None, lease_owner=None, lease_expires_at=None, updated_at=now)
     )
     if state == "completed":  # one statement, not a row per enrollment: dispatch completes thousands
@@ -62,7 +62,7 @@ def finish_enrollments(conn: Any, ws: Any, ids: Iterable[int], kind: str, reason
                     at, at, literal(EventKind.completed.value), null(), enrollments.c.prospect_id, enrollments.c.id,
                     enrollments.c.sequence, literal({}, events.c.payload.type),
                     "enrollment:" + cast(enrollments.c.id, String) + ":completed",
-                ).where(enrollments.c.id.in_([r.id for r in rows])),
+                ).where(among(conn, enrollments.c.id, [r.id for r in rows])),
             )
         )
     routes: dict[str, list[int]] = defaultdict(list)

@@ -6,6 +6,7 @@ the claim and the report are single statements. Alembic owns the schema (`migrat
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,10 +27,16 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    any_,
+    bindparam,
     create_engine,
     event,
+    func,
+    literal_column,
+    select,
     text,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.types import TypeDecorator
 
@@ -302,6 +309,15 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def among(conn: Connection, column: Any, values: Sequence[Any]) -> Any:
+    """`column IN values` for a batch's long id lists, with the values bound as one parameter
+    (a JSON array on SQLite, an array on PostgreSQL): SQLAlchemy expands an IN list into a
+    parameter per value on every execution, which showed in the dispatch profile."""
+    if conn.dialect.name == "postgresql":
+        return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+    return column.in_(select(literal_column("value")).select_from(func.json_each(bindparam(None, json.dumps(list(values))))))
 
 
 def bulk(conn: Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
