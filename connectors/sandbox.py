@@ -33,6 +33,7 @@ from relance.channels import BaseConnector, Capability, InboundEvent, OutboundTo
 from relance.email_message import build_email, make_message_id
 from relance.errors import RelanceError, TerminalError, TransientError
 from relance.events import Channel, EventKind
+from relance.store import use_wal
 
 __all__ = ["SandboxCall", "SandboxEmail", "SandboxLinkedIn", "SandboxSettings", "sign_webhook"]
 
@@ -179,6 +180,8 @@ def _utc(when: datetime) -> datetime:
 
 def _iso(when: datetime) -> str:
     """Fixed width, so text order is time order in SQLite."""
+    if when.tzinfo is timezone.utc:
+        return when.isoformat(timespec="microseconds")
     return _utc(when).isoformat(timespec="microseconds")
 
 
@@ -204,8 +207,12 @@ def _resolve_outbox(outbox: str, workspace: Any) -> Path:
     return (Path(root) if root is not None else Path.cwd()) / path
 
 
+# One encoder for every line: json.dumps builds a new one per call when given options.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _event_json(event: dict[str, Any]) -> str:
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    return _encode(event)
 
 
 def _inbound(data: Mapping[str, Any]) -> InboundEvent:
@@ -303,7 +310,7 @@ class _Sandbox(BaseConnector, ABC):
             self._prepare_outbox()
             conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 30000")
-            conn.execute("PRAGMA journal_mode = WAL")
+            use_wal(conn)
             conn.execute("PRAGMA synchronous = OFF")  # a sandbox: speed over surviving a power cut
             conn.execute("BEGIN IMMEDIATE")
             try:

@@ -18,6 +18,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence as Seq
 from dataclasses import dataclass, field
+from operator import itemgetter
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -59,6 +60,7 @@ TOUCH_COLUMNS = (
     "spec_version", "variant", "sender", "recipient", "subject", "content_hash", "message_id",
     "provider_message_id", "attempts", "error", "lease_owner", "created_at", "sent_at",
 )  # fmt: skip
+_touch_fields = itemgetter(*TOUCH_COLUMNS[:-2])  # all but the two datetimes, converted apart
 INSERT_TOUCH_SQL = f"INSERT INTO touches ({', '.join(TOUCH_COLUMNS)}) VALUES ({', '.join('?' * len(TOUCH_COLUMNS))})"
 UPDATE_TOUCH_SQL = "UPDATE touches SET status = ?, attempts = ?, error = ?, provider_message_id = ?, sent_at = ?, lease_owner = NULL WHERE id = ?"
 ADVANCE_SQL = (
@@ -642,7 +644,7 @@ class _Preparer:
         if fresh:
             at = datetime_param(conn.dialect)
             rows = [{**TOUCH_DEFAULTS, **v} for v, _, _ in fresh]
-            bulk(conn, INSERT_TOUCH_SQL, [(*(r[c] for c in TOUCH_COLUMNS[:-2]), at(r["created_at"]), at(r["sent_at"])) for r in rows])
+            bulk(conn, INSERT_TOUCH_SQL, [(*_touch_fields(r), at(r["created_at"]), at(r["sent_at"])) for r in rows])
             keys = [r["idempotency_key"] for r in rows]
             ids = dict(conn.execute(select(touches.c.idempotency_key, touches.c.id).where(among(conn, touches.c.idempotency_key, keys))).all())
             for values, outbound, task in fresh:

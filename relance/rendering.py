@@ -40,6 +40,14 @@ def one_line(value: str) -> str:
     return _LINE_BREAKS.sub(" ", value).strip()
 
 
+def _flat_globals(template: Any) -> Any:
+    """Jinja keeps a template's globals as a ChainMap over the environment's and copies it
+    into every render's context, key by key; a plain dict of the same names copies several
+    times faster (the environment's globals never change after start-up)."""
+    template.globals = dict(template.globals)
+    return template
+
+
 class Renderer:
     """Compiles each template once and renders it for many prospects."""
 
@@ -68,10 +76,10 @@ class Renderer:
             match = _SUBJECT_RE.match(source)
             subject_src, body_src = (match.group("subject"), source[match.end():]) if match else (None, source)
             try:
-                subject = self.env.from_string(subject_src) if subject_src is not None else None
+                subject = _flat_globals(self.env.from_string(subject_src)) if subject_src is not None else None
                 # Line numbers in errors count from the top of the file.
                 offset = "\n" * (source[: match.end()].count("\n")) if match else ""
-                body = self.env.from_string(offset + body_src)
+                body = _flat_globals(self.env.from_string(offset + body_src))
                 body.filename = filename
             except TemplateSyntaxError as exc:
                 raise RenderError(f"{name}:{exc.lineno}: {exc.message}") from None
@@ -96,7 +104,7 @@ class Renderer:
         """A step's or variant's subject, compiled once (compiling costs 40x rendering)."""
         if source not in self._subjects:
             try:
-                self._subjects[source] = self.env.from_string(source)
+                self._subjects[source] = _flat_globals(self.env.from_string(source))
             except TemplateSyntaxError as exc:
                 raise RenderError(f"subject {source!r}: {exc.message}") from None
         return self._subjects[source]

@@ -608,3 +608,32 @@ def test_settings_merge_overrides_into_defaults():
 def test_settings_errors_are_clear(settings, message):
     with pytest.raises(ValidationError, match=message):
         SandboxSettings(**settings)
+
+
+def test_two_workers_opening_a_new_outbox_at_once_both_get_it(tmp_path: Path):
+    """Switching a new SQLite file to WAL takes a lock SQLite does not wait for: the second
+    opener used to fail with "database is locked" (and its whole batch went to retry)."""
+    import threading
+
+    for trial in range(10):
+        outbox = tmp_path / f"outbox-{trial}"
+        start = threading.Barrier(2)
+        errors: list[BaseException] = []
+
+        def open_it() -> None:
+            connector = SandboxEmail({"outbox": str(outbox)})
+            start.wait(timeout=30)
+            try:
+                with connector._transaction() as conn:
+                    conn.execute("SELECT count(*) FROM accepted")
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+            finally:
+                connector.close()
+
+        threads = [threading.Thread(target=open_it) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors

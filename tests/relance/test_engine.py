@@ -420,10 +420,12 @@ def test_two_dispatchers_on_postgres_never_claim_the_same_enrollment(postgres_lo
     enroll(ws, ws.sequence("outbound"), ids, MONDAY)
     now = at("2027-03-15T09:30:00")
     claims: dict[str, list[int]] = {"one": [], "two": []}
+    ready = threading.Barrier(2)  # loading a workspace takes longer than dispatching 400: start together
 
     def work(name: str) -> None:
         worker = Workspace.load(root)
         dispatcher = Dispatcher(worker, owner=name)
+        ready.wait(timeout=60)
         while ids_ := dispatcher.claim(now):
             claims[name].extend(ids_)
             batch = dispatcher.prepare(ids_, now)
@@ -441,7 +443,7 @@ def test_two_dispatchers_on_postgres_never_claim_the_same_enrollment(postgres_lo
     assert len(claims["one"]) + len(claims["two"]) == 400
     rows = touch_rows(ws, step_id="intro")
     assert len(rows) == 400 and len({r.idempotency_key for r in rows}) == 400
-    assert all(r.status == "sent" for r in rows)
+    assert all(r.status == "sent" for r in rows), [(r.status, r.error) for r in rows if r.status != "sent"][:5]
     ws.close()
 
 
