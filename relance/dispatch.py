@@ -35,7 +35,7 @@ from relance.planning import calendar_for, due_at, following, pick_variant, repl
 from relance.rendering import LINKEDIN_NOTE_LIMIT
 from relance.rules import apply as apply_rules, ends, finish_enrollments
 from relance.spec import Sequence, Step
-from relance.store import UTCDateTime, among, bulk, datetime_param, enrollments, events, prospects, tasks, touches
+from relance.store import BulkWrite, UTCDateTime, among, datetime_param, enrollments, events, prospects, tasks, touches
 from relance.suppression import suppressed_ids
 from relance.tokens import UnsubscribeTokens, workspace_secret
 from relance.workspace import Workspace
@@ -54,18 +54,42 @@ TOUCH_DEFAULTS = dict.fromkeys(
     ("variant", "sender", "recipient", "subject", "content_hash", "message_id", "provider_message_id", "error", "lease_owner", "sent_at")
 )
 RETRYABLE_STATUSES = ("retry", "failed")
-# The hot path's writes, straight to the driver (`bulk`): one row per touch or enrollment.
+# The hot path's writes (BulkWrite): one row per touch or enrollment.
 TOUCH_COLUMNS = (
-    "enrollment_id", "prospect_id", "sequence", "step_id", "channel", "action", "idempotency_key", "status",
-    "spec_version", "variant", "sender", "recipient", "subject", "content_hash", "message_id",
-    "provider_message_id", "attempts", "error", "lease_owner", "created_at", "sent_at",
+    ("enrollment_id", "bigint"), ("prospect_id", "bigint"), ("sequence", "text"), ("step_id", "text"), ("channel", "text"),
+    ("action", "text"), ("idempotency_key", "text"), ("status", "text"), ("spec_version", "text"), ("variant", "text"),
+    ("sender", "text"), ("recipient", "text"), ("subject", "text"), ("content_hash", "text"), ("message_id", "text"),
+    ("provider_message_id", "text"), ("attempts", "int"), ("error", "text"), ("lease_owner", "text"),
+    ("created_at", "timestamp"), ("sent_at", "timestamp"),
 )  # fmt: skip
-_touch_fields = itemgetter(*TOUCH_COLUMNS[:-2])  # all but the two datetimes, converted apart
-INSERT_TOUCH_SQL = f"INSERT INTO touches ({', '.join(TOUCH_COLUMNS)}) VALUES ({', '.join('?' * len(TOUCH_COLUMNS))})"
-UPDATE_TOUCH_SQL = "UPDATE touches SET status = ?, attempts = ?, error = ?, provider_message_id = ?, sent_at = ?, lease_owner = NULL WHERE id = ?"
-ADVANCE_SQL = (
-    "UPDATE enrollments SET next_step_id = ?, next_due_at = CASE WHEN next_due_at > ? THEN next_due_at ELSE ? END,"
-    " attempts = 0, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ? AND state = 'active'"
+_touch_fields = itemgetter(*(name for name, _ in TOUCH_COLUMNS[:-2]))  # all but the two datetimes, converted apart
+_names = ", ".join(name for name, _ in TOUCH_COLUMNS)
+INSERT_TOUCHES = BulkWrite(
+    sqlite=f"INSERT INTO touches ({_names}) VALUES ({', '.join('?' * len(TOUCH_COLUMNS))})",
+    postgres=f"INSERT INTO touches ({_names}) SELECT * FROM unnest({', '.join(f'%s::{kind}[]' for _, kind in TOUCH_COLUMNS)})",
+)
+UPDATE_TOUCHES = BulkWrite(  # (status, attempts, error, provider_message_id, sent_at, id)
+    sqlite="UPDATE touches SET status = ?, attempts = ?, error = ?, provider_message_id = ?, sent_at = ?, lease_owner = NULL WHERE id = ?",
+    postgres=(
+        "UPDATE touches SET status = v.status, attempts = v.attempts, error = v.error, provider_message_id = v.pmid,"
+        " sent_at = v.sent_at, lease_owner = NULL"
+        " FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[], %s::timestamp[], %s::bigint[]) AS v(status, attempts, error, pmid, sent_at, id)"
+        " WHERE touches.id = v.id"
+    ),
+)
+# Only an enrollment still active advances: a reply ingested meanwhile has ended it; and an
+# auto-reply ingested meanwhile may have pushed its due time later: that one is kept.
+ADVANCE_ENROLLMENTS = BulkWrite(  # (next step, due, now, id)
+    sqlite=(
+        "UPDATE enrollments SET next_step_id = ?1, next_due_at = CASE WHEN next_due_at > ?2 THEN next_due_at ELSE ?2 END,"
+        " attempts = 0, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?3 WHERE id = ?4 AND state = 'active'"
+    ),
+    postgres=(
+        "UPDATE enrollments SET next_step_id = v.step, next_due_at = CASE WHEN enrollments.next_due_at > v.due"
+        " THEN enrollments.next_due_at ELSE v.due END, attempts = 0, lease_owner = NULL, lease_expires_at = NULL, updated_at = v.now"
+        " FROM unnest(%s::text[], %s::timestamp[], %s::timestamp[], %s::bigint[]) AS v(step, due, now, id)"
+        " WHERE enrollments.id = v.id AND enrollments.state = 'active'"
+    ),
 )
 CAPACITY_REFRESH_SECONDS = 10.0
 
@@ -255,12 +279,10 @@ class Dispatcher:
                 failures.append((touch, reason))
         with self.store.begin() as conn:
             at = datetime_param(conn.dialect)
-            bulk(conn, UPDATE_TOUCH_SQL, [(*u[:4], at(u[4]), u[5]) for u in touch_updates])
+            UPDATE_TOUCHES.run(conn, [(*u[:4], at(u[4]), u[5]) for u in touch_updates])
             for kind, ids in performed.items():
                 conn.execute(_performed_events(kind, among(conn, touches.c.id, ids), now))
-            # Only an enrollment still active advances: a reply ingested meanwhile has ended it;
-            # and an auto-reply ingested meanwhile may have pushed its due time later: kept.
-            bulk(conn, ADVANCE_SQL, [(step, at(due), at(due), at(now), e_id) for e_id, step, due in advance])
+            ADVANCE_ENROLLMENTS.run(conn, [(step, at(due), at(now), e_id) for e_id, step, due in advance])
             done = [e_id for e_id, step, _ in advance if step is None]
             if done:
                 summary.completed += len(done)
@@ -644,7 +666,7 @@ class _Preparer:
         if fresh:
             at = datetime_param(conn.dialect)
             rows = [{**TOUCH_DEFAULTS, **v} for v, _, _ in fresh]
-            bulk(conn, INSERT_TOUCH_SQL, [(*_touch_fields(r), at(r["created_at"]), at(r["sent_at"])) for r in rows])
+            INSERT_TOUCHES.run(conn, [(*_touch_fields(r), at(r["created_at"]), at(r["sent_at"])) for r in rows])
             keys = [r["idempotency_key"] for r in rows]
             ids = dict(conn.execute(select(touches.c.idempotency_key, touches.c.id).where(among(conn, touches.c.idempotency_key, keys))).all())
             for values, outbound, task in fresh:
