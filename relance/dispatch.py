@@ -11,12 +11,14 @@ after a crash such a touch is reconciled, never resent blindly.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence as Seq
+from collections.abc import Iterator, Mapping, Sequence as Seq
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import itemgetter
 from datetime import datetime, timedelta
@@ -92,6 +94,23 @@ ADVANCE_ENROLLMENTS = BulkWrite(  # (next step, due, now, id)
     ),
 )
 CAPACITY_REFRESH_SECONDS = 10.0
+
+
+@contextmanager
+def fewer_collections(threshold: int = 50_000) -> Iterator[None]:
+    """A dispatch run allocates millions of short-lived objects (rows, dicts, rendered text)
+    and almost no reference cycles, yet with the default thresholds the cyclic collector ran
+    every 700 allocations and kept re-scanning the long-lived heap (SQLAlchemy, Jinja,
+    Prefect): 5 to 10 % of a run. For the run, the heap that exists before it is frozen and
+    the first threshold raised; both are restored after."""
+    before = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(threshold, before[1], before[2])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
 
 
 def worker_id() -> str:
@@ -365,15 +384,16 @@ class Dispatcher:
         total = DispatchSummary()
         self.reconcile(now)
         count = 0
-        while max_batches is None or count < max_batches:
-            ids = self.claim(now)
-            if not ids:
-                break
-            count += 1
-            batch = self.prepare(ids, now)
-            total.merge(batch.summary)
-            for channel, outbound in batch.outbound.items():
-                total.merge(self.deliver(channel, outbound, now))
+        with fewer_collections():
+            while max_batches is None or count < max_batches:
+                ids = self.claim(now)
+                if not ids:
+                    break
+                count += 1
+                batch = self.prepare(ids, now)
+                total.merge(batch.summary)
+                for channel, outbound in batch.outbound.items():
+                    total.merge(self.deliver(channel, outbound, now))
         return total
 
 

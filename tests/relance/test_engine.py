@@ -489,3 +489,14 @@ def test_leases_run_from_when_they_are_handed_out_and_are_renewed_before_a_send(
         assert seen == [started + timedelta(minutes=14) + lease]  # renewed right before the call
     finally:
         ws.close()
+
+
+def test_a_run_raises_the_collector_threshold_and_restores_it():
+    import gc
+
+    from relance.dispatch import fewer_collections
+
+    before = gc.get_threshold()
+    with fewer_collections(threshold=12_345):
+        assert gc.get_threshold()[0] == 12_345 and gc.get_freeze_count() > 0
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
