@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, create_engine, text
 
+from relance.config import Dispatch
 from relance.store import Store, UTCDateTime, metadata
 
 # A Tuesday in March 2027, 10:30 in Paris (UTC+1): inside the window, not a holiday.
@@ -31,6 +32,7 @@ PG_ADMIN_URL = os.environ.get("RELANCE_BENCH_PG_ADMIN_URL", "postgresql+psycopg:
 PG_DB = os.environ.get("RELANCE_BENCH_PG_DB", "relance_bench")
 PG_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + PG_DB
 
+DEFAULT_BATCH = Dispatch.model_fields["batch_size"].default  # what a workspace gets unless it says otherwise
 HUGE = 100_000_000  # capacity limits that never bind: throughput, not pacing, is measured
 
 CONFIG = """
@@ -98,7 +100,7 @@ TEMPLATES = {
 }
 
 
-def write_workspace(root: Path, database: str, *, batch: int = 1000) -> Path:
+def write_workspace(root: Path, database: str, *, batch: int = DEFAULT_BATCH) -> Path:
     """The bench workspace: one multichannel cadence, sandbox connectors in jsonl mode."""
     if root.exists():
         shutil.rmtree(root)

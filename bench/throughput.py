@@ -14,6 +14,7 @@ from sqlalchemy import insert, select
 
 from bench.child import run_child
 from bench.common import (
+    DEFAULT_BATCH,
     NOW,
     PG_URL,
     checkpoint,
@@ -134,7 +135,7 @@ def floor(url: str, work: list[Any], batch: int) -> tuple[float, float]:
 
 
 class Throughput:
-    def __init__(self, work: Path, *, sizes: dict[str, list[int]], naive_sample: int, batch: int = 1000):
+    def __init__(self, work: Path, *, sizes: dict[str, list[int]], naive_sample: int, batch: int = DEFAULT_BATCH):
         self.work = work
         self.sizes = sizes  # backend -> enrollment counts
         self.naive_sample = naive_sample
