@@ -106,7 +106,8 @@ def _kill_and_take_over(work: Path, n: int, expected_seconds: float) -> dict[str
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate()
     first = _result(survivor)
-    after_lease = (NOW + timedelta(seconds=LEASE_SECONDS + 1)).isoformat()
+    # Leases run from when they were handed out: NOW plus the real time the dead worker had run.
+    after_lease = (NOW + timedelta(seconds=LEASE_SECONDS + 1 + (time.time() - start))).isoformat()
     takeover = _result(_spawn(root, time.time(), logs[2], now=after_lease))
     verdict = _verify(store, root, logs, n)
     verdict["survivor_sent"] = sum(first["summary"]["sent"].values())
@@ -125,7 +126,8 @@ def run(work: Path, n: int) -> Section:
         " finish. Every key a worker hands to a connector is logged: *handed twice* counts keys handed more than once"
         " across all workers, *lost* counts due enrollments whose touch is not `sent`.",
         "Kill test: two workers, one killed with SIGKILL a third of the way through; the survivor runs to the end;"
-        f" then a third worker runs at NOW + {LEASE_SECONDS + 1} s (past the dead worker's {LEASE_SECONDS} s leases)"
+        f" then a third worker runs at NOW + {LEASE_SECONDS + 1} s + the real time elapsed since the start (past the dead worker's {LEASE_SECONDS} s leases,"
+        " which run from when they were handed out)"
         " and takes over what the dead one had claimed: its `sending` touches are resumed through the idempotent"
         " sandbox provider, which dedupes on the key.",
     ]

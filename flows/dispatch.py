@@ -53,21 +53,26 @@ def dispatch_due(ws: Workspace, now: datetime, max_batches: int | None = None) -
     progress = create_progress_artifact(progress=0.0, description=f"Dispatch at {now:%Y-%m-%d %H:%M} UTC: {due} due", _sync=True) if due else None
     batches = 0
     last_update = time.monotonic()
+    sending: list[Any] = []  # PostgreSQL: the previous batch's sends, still running
     with fewer_collections():
         while (max_batches is None or batches < max_batches) and (claimed := dispatcher.claim(now)):
             batches += 1
             batch = prepare_batch(quote(dispatcher), quote(claimed), now)
             total.merge(batch.summary)
-            if ws.store.is_postgres:  # channels send side by side
-                futures = [send_channel.submit(quote(dispatcher), channel, quote(outbound), now) for channel, outbound in batch.outbound.items()]
-                results = [future.result() for future in futures]
-            else:  # SQLite has one writer: concurrent record transactions would only queue on its lock
-                results = [send_channel(quote(dispatcher), channel, quote(outbound), now) for channel, outbound in batch.outbound.items()]
-            for result in results:
-                total.merge(result)
+            if ws.store.is_postgres:
+                # Channels send side by side, and while they do the next batch is claimed and
+                # prepared: PostgreSQL has no single writer, and much of a batch is waiting on it.
+                for future in sending:
+                    total.merge(future.result())
+                sending = [send_channel.submit(quote(dispatcher), channel, quote(outbound), now) for channel, outbound in batch.outbound.items()]
+            else:  # SQLite has one writer: concurrent transactions would only queue on its lock
+                for channel, outbound in batch.outbound.items():
+                    total.merge(send_channel(quote(dispatcher), channel, quote(outbound), now))
             if progress is not None and time.monotonic() - last_update >= PROGRESS_EVERY_SECONDS:
                 update_progress_artifact(progress, progress=min(100.0, 100.0 * total.claimed / max(due, 1)), _sync=True)
                 last_update = time.monotonic()
+        for future in sending:
+            total.merge(future.result())
     if progress is not None:
         update_progress_artifact(progress, progress=100.0, _sync=True)
     logger.info("dispatch at %s: %s", now.isoformat(), {k: v for k, v in total.as_dict().items() if k != "errors"})

@@ -173,7 +173,7 @@ class Dispatcher:
         self.tokens = UnsubscribeTokens(workspace_secret(ws.root, ws.config.web.secret_env))
         self._capacity: tuple[datetime, float, _Capacity] | None = None
         self._clock: tuple[datetime, float] | None = None  # (a run's `now`, monotonic time it was first seen)
-        self._granted = 0.0  # monotonic time the last leases were handed out or renewed
+        self._claimed: dict[int, float] = {}  # a claimed batch's first id -> monotonic time of its leases
 
     def capacity(self, conn: Any, now: datetime) -> "_Capacity":
         """Rolling counts per sender, read from the touches once and then kept in memory for the
@@ -211,7 +211,10 @@ class Dispatcher:
         )
         with self.store.begin() as conn:
             ids = sorted(conn.scalars(stmt))
-        self._granted = time.monotonic()
+        if ids:
+            if len(self._claimed) >= 64:  # claims never prepared (a crashed task): forget them
+                self._claimed.clear()
+            self._claimed[ids[0]] = time.monotonic()
         return ids
 
     def _lease_until(self, now: datetime) -> datetime:
@@ -223,19 +226,22 @@ class Dispatcher:
             self._clock = (now, time.monotonic())
         return now + timedelta(seconds=time.monotonic() - self._clock[1]) + self.lease
 
-    def renew(self, enrollment_ids: Seq[int], now: datetime) -> None:
+    def renew(self, outbound: Seq[OutboundTouch], now: datetime) -> None:
         """Extend this worker's leases before a provider call, so a long batch is not taken for
         a dead worker's and reconciled while it is still sending. Leases handed out less than
-        a third of their length ago are left as they are (sends follow their claim)."""
-        if time.monotonic() - self._granted < self.lease.total_seconds() / 3:
+        a third of their length ago are left as they are."""
+        if not outbound or time.monotonic() - min(t.metadata.get("leased_at", 0.0) for t in outbound) < self.lease.total_seconds() / 3:
             return
-        self._granted = time.monotonic()
+        enrollment_ids = [t.metadata["enrollment_id"] for t in outbound]
+        renewed = time.monotonic()
         with self.store.begin() as conn:
             conn.execute(
                 update(enrollments)
                 .where(among(conn, enrollments.c.id, enrollment_ids), enrollments.c.lease_owner == self.owner)
                 .values(lease_expires_at=self._lease_until(now))
             )
+        for touch in outbound:
+            touch.metadata["leased_at"] = renewed
 
     # -------------------------------------------------------------- prepare
     def prepare(self, enrollment_ids: Seq[int], now: datetime) -> Batch:
@@ -243,15 +249,20 @@ class Dispatcher:
         batch.summary.claimed = len(enrollment_ids)
         if not enrollment_ids:
             return batch
+        ids = sorted(enrollment_ids)
+        leased_at = self._claimed.pop(ids[0], 0.0)  # when these leases were handed out (0: unknown, renew)
         with self.store.begin() as conn:
-            _Preparer(self, conn, now, batch).run(list(enrollment_ids))
+            _Preparer(self, conn, now, batch).run(ids)
+        for outbound in batch.outbound.values():
+            for touch in outbound:
+                touch.metadata["leased_at"] = leased_at
         return batch
 
     # -------------------------------------------------------------- deliver
     def deliver(self, channel: Channel, outbound: list[OutboundTouch], now: datetime) -> DispatchSummary:
         """Send one channel's touches with one connector call, then record every outcome."""
         connector = self.ws.connector(channel)
-        self.renew([t.metadata["enrollment_id"] for t in outbound], now)
+        self.renew(outbound, now)
         try:
             results = connector.send_batch(outbound, now)
         except TransientError as exc:

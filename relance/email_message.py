@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from email.headerregistry import Address, HeaderRegistry
 from email.message import EmailMessage
 from email.utils import format_datetime
+from functools import lru_cache
 
 from relance.channels import OutboundTouch
 from relance.errors import TerminalError
@@ -56,6 +57,7 @@ def one_line(value: object) -> str:
     return _BREAKS.sub(" ", str(value)).strip()
 
 
+@lru_cache(maxsize=1024)  # a handful of sender domains, one lookup per email sent
 def _ascii_domain(domain: str) -> str | None:
     domain = one_line(domain).strip(".").lower()
     if not domain:

@@ -500,3 +500,37 @@ def test_a_run_raises_the_collector_threshold_and_restores_it():
     with fewer_collections(threshold=12_345):
         assert gc.get_threshold()[0] == 12_345 and gc.get_freeze_count() > 0
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_a_batch_is_renewed_by_the_age_of_its_own_leases_not_the_last_claim(backend: str, tmp_path: Path, monkeypatch):
+    """On PostgreSQL the flow claims the next batch while the previous one sends: that fresh
+    claim must not stop the older batch's leases being renewed before its provider call."""
+    import relance.dispatch as dispatch_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(dispatch_module.time, "monotonic", lambda: clock[0])
+    ws = Workspace.load(write_workspace(tmp_path / "ws", database_url(backend, tmp_path)))
+    try:
+        now = at("2027-03-16T09:00:00")
+        a, b = add_prospects(ws, person(1), person(2))
+        enroll(ws, ws.sequence("outbound"), [a, b], MONDAY)
+        d = Dispatcher(ws)
+        lease = timedelta(seconds=ws.config.dispatch.lease_seconds)
+        first = d.claim(now, limit=1)
+        batch = d.prepare(first, now)
+        clock[0] += 200  # the first batch's leases are now 200 s old
+        d.claim(now, limit=1)  # the next batch, claimed just now
+        [(channel, outbound)] = batch.outbound.items()
+        connector = ws.connector(channel)
+        send, seen = connector.send_batch, []
+
+        def watching(touches, when):
+            with ws.store.connect() as conn:
+                seen.append(conn.scalar(select(enrollments.c.lease_expires_at).where(enrollments.c.id == first[0])))
+            return send(touches, when)
+
+        connector.send_batch = watching
+        d.deliver(channel, outbound, now)
+        assert seen == [now + timedelta(seconds=200) + lease]
+    finally:
+        ws.close()
