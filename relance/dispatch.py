@@ -20,8 +20,8 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence as Seq
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from operator import itemgetter
 from datetime import datetime, timedelta
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import bindparam, case, func, insert, literal, null, or_, select, tuple_, update
