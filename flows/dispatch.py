@@ -8,8 +8,8 @@ from datetime import datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.context import SyncClientContext
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.context import SyncClientContext
 from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
