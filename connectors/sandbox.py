@@ -231,6 +231,18 @@ def _inbound(data: Mapping[str, Any]) -> InboundEvent:
     )
 
 
+_OUTBOX_LOCKS: dict[str, threading.RLock] = {}
+_OUTBOX_LOCKS_GUARD = threading.Lock()
+
+
+def _outbox_lock(db_path: Path) -> threading.RLock:
+    """One lock per outbox database in this process, shared by its three channel connectors:
+    their sends run side by side on PostgreSQL, and waiting on a Python lock hands over at
+    once, where SQLite's busy handler sleeps in steps of up to 100 ms."""
+    with _OUTBOX_LOCKS_GUARD:
+        return _OUTBOX_LOCKS.setdefault(str(db_path.resolve()), threading.RLock())
+
+
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS accepted (key TEXT PRIMARY KEY, provider_message_id TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS responses (id INTEGER PRIMARY KEY, channel TEXT NOT NULL, due_at TEXT NOT NULL,"
@@ -300,7 +312,7 @@ class _Sandbox(BaseConnector, ABC):
         self.db_path = self.outbox / "sandbox.db"
         self._conn: sqlite3.Connection | None = None
         self._pid: int | None = None
-        self._lock = threading.RLock()
+        self._lock = _outbox_lock(self.db_path)
 
     # ------------------------------------------------------------------ storage
     def _db(self) -> sqlite3.Connection:
@@ -382,6 +394,10 @@ class _Sandbox(BaseConnector, ABC):
                     prepared[key] = self._prepare(t, now)
                 except TerminalError as exc:
                     errors[key] = exc
+        # Simulated responses are drawn before taking the lock too: a key raced or faulted
+        # below only wastes its draw.
+        pmids = {k: provider_message_id(k) for k in prepared}
+        simulated = {k: self._simulation(first[k], now, pmids[k]) for k in prepared}
         if prepared:
             with self._transaction() as conn:
                 raced = self._accepted(conn, list(prepared))  # another process may have sent them meanwhile
@@ -390,17 +406,18 @@ class _Sandbox(BaseConnector, ABC):
                 if self.settings.fail_rate > 0:
                     errors.update(self._inject_faults(conn, fresh))
                 todo = [k for k in fresh if k not in errors]
-                accepted = {k: provider_message_id(k) for k in todo}
+                accepted = {k: pmids[k] for k in todo}
                 self._record([(first[k], accepted[k], prepared[k]) for k in todo], now)
                 conn.executemany("INSERT INTO accepted (key, provider_message_id) VALUES (?, ?)", accepted.items())
-                rows: list[tuple[str, str, str]] = []
-                for k in todo:
-                    sim = _Simulation(self.settings, first[k], now, accepted[k])
-                    self._simulate(sim)
-                    rows.extend(sim.rows)
-                conn.executemany("INSERT INTO responses (channel, due_at, event) VALUES (?, ?, ?)", rows)
+                conn.executemany("INSERT INTO responses (channel, due_at, event) VALUES (?, ?, ?)", [row for k in todo for row in simulated[k]])
                 known.update(accepted)
         return [self._result(t, known, errors) for t in touches]
+
+    def _simulation(self, t: OutboundTouch, now: datetime, pmid: str) -> list[tuple[str, str, str]]:
+        """The (channel, due_at, event json) rows of the responses this touch will get."""
+        sim = _Simulation(self.settings, t, now, pmid)
+        self._simulate(sim)
+        return sim.rows
 
     def _result(self, t: OutboundTouch, known: Mapping[str, str], errors: Mapping[str, RelanceError]) -> SendResult:
         if t.channel != self.channel:

@@ -637,3 +637,14 @@ def test_two_workers_opening_a_new_outbox_at_once_both_get_it(tmp_path: Path):
         for t in threads:
             t.join()
         assert not errors, errors
+
+
+def test_the_channels_of_one_outbox_share_one_lock_in_a_process(tmp_path: Path):
+    """Their sends run side by side (on PostgreSQL): they queue on a Python lock, handed over
+    at once, not on SQLite's busy handler, which sleeps in steps of up to 100 ms."""
+    from connectors.sandbox import SandboxLinkedIn
+
+    email = SandboxEmail({"outbox": str(tmp_path / "outbox")})
+    linkedin = SandboxLinkedIn({"outbox": str(tmp_path / "outbox")})
+    other = SandboxEmail({"outbox": str(tmp_path / "elsewhere")})
+    assert email._lock is linkedin._lock and email._lock is not other._lock
