@@ -175,13 +175,13 @@ def _share(part: float, whole: float) -> float:
 
 
 def _utc(when: datetime) -> datetime:
+    if when.tzinfo is timezone.utc:  # the common case, on every line and simulated event
+        return when
     return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
 
 
 def _iso(when: datetime) -> str:
     """Fixed width, so text order is time order in SQLite."""
-    if when.tzinfo is timezone.utc:
-        return when.isoformat(timespec="microseconds")
     return _utc(when).isoformat(timespec="microseconds")
 
 
