@@ -4,8 +4,10 @@ It records what would be sent (a real .eml file per email, a JSON line per Linke
 touch) under an outbox directory, and simulates the responses a B2B campaign gets at
 configurable rates and delays. Every decision is derived from the seed and the touch's
 idempotency key, never from a global random state, so a run replays identically and a
-retried touch meets the same fate. What the sandbox remembers (accepted keys, scheduled
-responses) lives in `<outbox>/sandbox.db`, so several processes can share one outbox.
+retried touch meets the same fate. As at a real provider, a send only records the message:
+its responses are drawn when they are first polled for, not while the sender waits. What the
+sandbox remembers (accepted messages, drawn responses) lives in `<outbox>/sandbox.db`, so
+several processes can share one outbox.
 
 Rates and delays are keyed "<channel>.<what>". A rate is the share of touches that get the
 event (opened 0.45 means 45 % of sent emails are opened), except the ones named "..._after_x",
@@ -25,7 +27,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -87,6 +89,7 @@ _BOUNCE_REASONS = {
     "soft": "452 4.2.2 The recipient's mailbox is full; try again later",
 }
 _IN_CHUNK = 500  # keys per IN (...) query, well under SQLite's variable limit
+_DRAW_CHUNK = 5_000  # accepted messages whose responses are drawn per transaction
 
 
 def _merge_known(value: Mapping[str, float], defaults: Mapping[str, float], what: str) -> dict[str, float]:
@@ -243,30 +246,53 @@ def _outbox_lock(db_path: Path) -> threading.RLock:
         return _OUTBOX_LOCKS.setdefault(str(db_path.resolve()), threading.RLock())
 
 
+# An accepted message keeps what its simulated responses need; `drawn` says whether they are
+# in `responses` yet (outboxes from before lazy drawing get the columns, their rows drawn = 1).
+_ACCEPTED_COLUMNS = (
+    ("channel", "TEXT"), ("action", "TEXT"), ("touch_id", "INTEGER"), ("recipient", "TEXT"), ("message_id", "TEXT"),
+    ("sent_at", "TEXT"), ("drawn", "INTEGER NOT NULL DEFAULT 1"),
+)  # fmt: skip
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS accepted (key TEXT PRIMARY KEY, provider_message_id TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS accepted (key TEXT PRIMARY KEY, provider_message_id TEXT NOT NULL,"
+    + ",".join(f" {name} {kind}" for name, kind in _ACCEPTED_COLUMNS) + ")",
     "CREATE TABLE IF NOT EXISTS responses (id INTEGER PRIMARY KEY, channel TEXT NOT NULL, due_at TEXT NOT NULL,"
     " event TEXT NOT NULL, delivered INTEGER NOT NULL DEFAULT 0)",
     # Only what is still to deliver is indexed, so a poll costs O(due), whatever was delivered before.
     "CREATE INDEX IF NOT EXISTS responses_pending ON responses (channel, due_at, id) WHERE delivered = 0",
     "CREATE TABLE IF NOT EXISTS attempts (key TEXT PRIMARY KEY, n INTEGER NOT NULL)",
 )
+_UNDRAWN_INDEX = "CREATE INDEX IF NOT EXISTS accepted_undrawn ON accepted (channel) WHERE drawn = 0"
+_ACCEPT = (
+    "INSERT INTO accepted (key, provider_message_id, channel, action, touch_id, recipient, message_id, sent_at, drawn)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)"
+)
+
+
+class _Sent(NamedTuple):
+    """An accepted message, as its responses are drawn from it (a row of `accepted`)."""
+
+    key: str
+    provider_message_id: str
+    channel: str
+    action: str
+    touch_id: int | None
+    recipient: str | None
+    message_id: str | None
+    sent_at: str
 
 
 class _Simulation:
-    """Collects the responses one touch will get, as (channel, due_at, event json) rows."""
+    """Collects the responses one accepted message will get, as (channel, due_at, event json) rows."""
 
-    __slots__ = ("settings", "touch", "now", "pmid", "message_id", "rows")
+    __slots__ = ("settings", "sent", "now", "rows")
 
-    def __init__(self, settings: SandboxSettings, touch: OutboundTouch, now: datetime, pmid: str):
-        self.settings, self.touch, self.now, self.pmid = settings, touch, now, pmid
-        self.message_id = touch.message_id
-        if self.message_id is None and touch.channel == Channel.email:  # what build_email wrote instead
-            self.message_id = make_message_id(touch.sender.address, touch.idempotency_key)
+    def __init__(self, settings: SandboxSettings, sent: _Sent):
+        self.settings, self.sent = settings, sent
+        self.now = datetime.fromisoformat(sent.sent_at)
         self.rows: list[tuple[str, str, str]] = []
 
     def draw(self, name: str) -> float:
-        return _draw(self.settings.seed, self.touch.idempotency_key, name)
+        return _draw(self.settings.seed, self.sent.key, name)
 
     def at(self, delay: str, *, base: datetime | None = None, after: datetime | None = None) -> datetime:
         hours = self.settings.delays_hours[delay]
@@ -278,21 +304,21 @@ class _Simulation:
         return when
 
     def emit(self, kind: EventKind, when: datetime, detail: str | None = None, payload: dict[str, Any] | None = None) -> None:
-        t = self.touch
+        s = self.sent
         event = {
             "kind": kind.value,
-            "channel": t.channel.value,
+            "channel": s.channel,
             "occurred_at": _iso(when),
-            "dedupe_key": f"sandbox:{t.idempotency_key}:{kind.value}",
-            "touch_id": t.touch_id,
-            "idempotency_key": t.idempotency_key,
-            "provider_message_id": self.pmid,
-            "message_id": self.message_id,
-            "recipient": t.recipient,
+            "dedupe_key": f"sandbox:{s.key}:{kind.value}",
+            "touch_id": s.touch_id,
+            "idempotency_key": s.key,
+            "provider_message_id": s.provider_message_id,
+            "message_id": s.message_id,
+            "recipient": s.recipient,
             "detail": detail,
             "payload": payload or {},
         }
-        self.rows.append((t.channel.value, event["occurred_at"], _event_json(event)))
+        self.rows.append((s.channel, event["occurred_at"], _event_json(event)))
 
 
 class _Sandbox(BaseConnector, ABC):
@@ -328,6 +354,11 @@ class _Sandbox(BaseConnector, ABC):
             try:
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                have = {row[1] for row in conn.execute("PRAGMA table_info(accepted)")}
+                for name, kind in _ACCEPTED_COLUMNS:
+                    if name not in have:
+                        conn.execute(f"ALTER TABLE accepted ADD COLUMN {name} {kind}")
+                conn.execute(_UNDRAWN_INDEX)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -394,10 +425,8 @@ class _Sandbox(BaseConnector, ABC):
                     prepared[key] = self._prepare(t, now)
                 except TerminalError as exc:
                     errors[key] = exc
-        # Simulated responses are drawn before taking the lock too: a key raced or faulted
-        # below only wastes its draw.
         pmids = {k: provider_message_id(k) for k in prepared}
-        simulated = {k: self._simulation(first[k], now, pmids[k]) for k in prepared}
+        sent_at = _iso(now)
         if prepared:
             with self._transaction() as conn:
                 raced = self._accepted(conn, list(prepared))  # another process may have sent them meanwhile
@@ -408,16 +437,16 @@ class _Sandbox(BaseConnector, ABC):
                 todo = [k for k in fresh if k not in errors]
                 accepted = {k: pmids[k] for k in todo}
                 self._record([(first[k], accepted[k], prepared[k]) for k in todo], now)
-                conn.executemany("INSERT INTO accepted (key, provider_message_id) VALUES (?, ?)", accepted.items())
-                conn.executemany("INSERT INTO responses (channel, due_at, event) VALUES (?, ?, ?)", [row for k in todo for row in simulated[k]])
+                conn.executemany(_ACCEPT, [self._accepted_row(first[k], pmid, sent_at) for k, pmid in accepted.items()])
                 known.update(accepted)
         return [self._result(t, known, errors) for t in touches]
 
-    def _simulation(self, t: OutboundTouch, now: datetime, pmid: str) -> list[tuple[str, str, str]]:
-        """The (channel, due_at, event json) rows of the responses this touch will get."""
-        sim = _Simulation(self.settings, t, now, pmid)
-        self._simulate(sim)
-        return sim.rows
+    @staticmethod
+    def _accepted_row(t: OutboundTouch, pmid: str, sent_at: str) -> tuple[Any, ...]:
+        message_id = t.message_id
+        if message_id is None and t.channel == Channel.email:  # what build_email wrote instead
+            message_id = make_message_id(t.sender.address, t.idempotency_key)
+        return (t.idempotency_key, pmid, t.channel.value, t.action, t.touch_id, t.recipient, message_id, sent_at)
 
     def _result(self, t: OutboundTouch, known: Mapping[str, str], errors: Mapping[str, RelanceError]) -> SendResult:
         if t.channel != self.channel:
@@ -489,6 +518,8 @@ class _Sandbox(BaseConnector, ABC):
     def poll(self, now: datetime) -> list[InboundEvent]:
         """The next chunk of due responses, oldest first, each handed over exactly once."""
         try:
+            while self._draw_responses() == _DRAW_CHUNK:
+                pass
             with self._transaction() as conn:
                 rows = conn.execute(
                     "SELECT id, event FROM responses WHERE channel = ? AND delivered = 0 AND due_at <= ?"
@@ -499,6 +530,27 @@ class _Sandbox(BaseConnector, ABC):
         except sqlite3.Error as exc:
             raise TransientError(f"sandbox database {self.db_path}: {exc}", retry_after=5.0) from None
         return [_inbound(json.loads(event)) for _, event in rows]
+
+    def _draw_responses(self) -> int:
+        """Schedule the responses of up to _DRAW_CHUNK accepted messages not drawn yet; each
+        message is drawn once, whichever process polls first."""
+        with self._transaction() as conn:
+            pending = [
+                _Sent(*row)
+                for row in conn.execute(
+                    "SELECT key, provider_message_id, channel, action, touch_id, recipient, message_id, sent_at"
+                    " FROM accepted WHERE channel = ? AND drawn = 0 LIMIT ?",
+                    (self.channel.value, _DRAW_CHUNK),
+                )
+            ]
+            rows = []
+            for sent in pending:
+                sim = _Simulation(self.settings, sent)
+                self._simulate(sim)
+                rows.extend(sim.rows)
+            conn.executemany("INSERT INTO responses (channel, due_at, event) VALUES (?, ?, ?)", rows)
+            conn.executemany("UPDATE accepted SET drawn = 1 WHERE key = ?", [(sent.key,) for sent in pending])
+        return len(pending)
 
     # ------------------------------------------------------------------ webhook
     def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[InboundEvent]:
@@ -638,9 +690,9 @@ class SandboxLinkedIn(_Sandbox):
 
     def _simulate(self, sim: _Simulation) -> None:
         r = sim.settings.rates
-        if sim.touch.action == "invite" and sim.draw("accepted") < r["linkedin.accepted"]:
+        if sim.sent.action == "invite" and sim.draw("accepted") < r["linkedin.accepted"]:
             sim.emit(EventKind.accepted, sim.at("linkedin.accepted"))
-        elif sim.touch.action == "message" and sim.draw("replied") < r["linkedin.replied"]:
+        elif sim.sent.action == "message" and sim.draw("replied") < r["linkedin.replied"]:
             sim.emit(EventKind.replied, sim.at("linkedin.replied"))
 
 

@@ -207,13 +207,17 @@ def test_resending_an_accepted_key_returns_the_same_id_and_writes_nothing(tmp_pa
     assert all(first.values())
     eml = sorted((tmp_path / "outbox" / "email").glob("*.eml"))
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in eml}
+    sandbox.poll(NOW)  # draws the responses (none due yet)
     scheduled = rows(tmp_path, "SELECT count(*) FROM responses")[0][0]
+    assert scheduled >= 5
 
     later = NOW + timedelta(hours=2)  # a retry after a crash, with a new Date it must not write
-    again = make(SandboxEmail, tmp_path).send_batch(touches + [email_touch(2)], later)  # a fresh process
-    assert {r.touch_id: r.provider_message_id for r in again} == first
-    assert len(again) == 6 and all(r.error is None for r in again)
+    again = make(SandboxEmail, tmp_path)  # a fresh process
+    results = again.send_batch(touches + [email_touch(2)], later)
+    assert {r.touch_id: r.provider_message_id for r in results} == first
+    assert len(results) == 6 and all(r.error is None for r in results)
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in eml} == before
+    again.poll(NOW)
     assert rows(tmp_path, "SELECT count(*) FROM responses")[0][0] == scheduled
     assert rows(tmp_path, "SELECT count(*) FROM accepted")[0][0] == 5
 
@@ -276,8 +280,12 @@ def test_several_processes_share_one_outbox(tmp_path):
     make(SandboxLinkedIn, reference).send_batch([linkedin_touch(i, "message") for i in range(120)], NOW)
     assert len(list((tmp_path / "outbox" / "email").glob("*.eml"))) == 120
     assert len((tmp_path / "outbox" / "linkedin.jsonl").read_text("utf-8").splitlines()) == 120
+    for root in (tmp_path, reference):
+        for connector in (SandboxEmail, SandboxLinkedIn):
+            make(connector, root).poll(NOW)
     count = "SELECT channel, count(*) FROM responses GROUP BY channel ORDER BY channel"
     assert rows(tmp_path, count) == rows(reference, count)
+    assert rows(tmp_path, "SELECT count(*) FROM accepted WHERE drawn = 0") == [(0,)]
 
 
 # ----------------------------------------------------------------------- simulation
@@ -451,13 +459,52 @@ def test_poll_returns_each_response_once_and_only_when_due(tmp_path):
     assert len(seen) == rows(tmp_path, "SELECT count(*) FROM responses")[0][0]
 
 
-def test_poll_streams_in_chunks(tmp_path):
+def test_responses_are_drawn_when_first_polled_once_whoever_polls(tmp_path):
+    """A send only records the message, as at a real provider; the first poll, from any process
+    sharing the outbox, draws its responses, and no later poll draws them again."""
+    email = make(SandboxEmail, tmp_path, email_record="jsonl")
+    email.send_batch([email_touch(i) for i in range(300)], NOW)
+    assert rows(tmp_path, "SELECT count(*) FROM responses") == [(0,)]
+    assert rows(tmp_path, "SELECT count(*) FROM accepted WHERE drawn = 0") == [(300,)]
+
+    other = make(SandboxEmail, tmp_path, email_record="jsonl")  # another worker, same outbox
+    assert other.poll(NOW) == []  # nothing due at the send time itself
+    scheduled = rows(tmp_path, "SELECT count(*) FROM responses")[0][0]
+    assert scheduled > 300 and rows(tmp_path, "SELECT count(*) FROM accepted WHERE drawn = 0") == [(0,)]
+    email.poll(NOW)
+    assert rows(tmp_path, "SELECT count(*) FROM responses")[0][0] == scheduled
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    alone = make(SandboxEmail, reference, email_record="jsonl")
+    alone.send_batch([email_touch(i) for i in range(300)], NOW)
+    assert _signature(drain(email)) == _signature(drain(alone))  # the same fates, whoever drew them
+
+
+def test_an_outbox_from_before_lazy_drawing_is_upgraded_in_place(tmp_path):
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    with sqlite3.connect(outbox / "sandbox.db") as conn:
+        conn.execute("CREATE TABLE accepted (key TEXT PRIMARY KEY, provider_message_id TEXT NOT NULL)")
+        conn.execute("CREATE TABLE responses (id INTEGER PRIMARY KEY, channel TEXT NOT NULL, due_at TEXT NOT NULL, event TEXT NOT NULL, delivered INTEGER NOT NULL DEFAULT 0)")
+        conn.execute("INSERT INTO accepted VALUES ('old:intro', 'sandbox-old')")
+    email = make(SandboxEmail, tmp_path, email_record="jsonl")
+    (again,) = email.send_batch([email_touch(1, idempotency_key="old:intro")], NOW)
+    assert again.provider_message_id == "sandbox-old"  # still answered, never re-sent
+    email.send_batch([email_touch(2)], NOW)
+    drain(email)
+    assert rows(tmp_path, "SELECT key, drawn FROM accepted ORDER BY key") == [("enr-2:intro:1", 1), ("old:intro", 1)]
+    assert {json.loads(e)["idempotency_key"] for (e,) in rows(tmp_path, "SELECT event FROM responses")} <= {"enr-2:intro:1"}
+
+
+def test_poll_streams_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr("connectors.sandbox._DRAW_CHUNK", 64)  # responses drawn over several transactions too
     email = make(SandboxEmail, tmp_path, poll_limit=100, email_record="jsonl")
     email.send_batch([email_touch(i) for i in range(500)], NOW)
-    total = rows(tmp_path, "SELECT count(*) FROM responses")[0][0]
     chunks = []
     while chunk := email.poll(FAR):
         chunks.append(chunk)
+    total = rows(tmp_path, "SELECT count(*) FROM responses")[0][0]
     assert all(len(c) == 100 for c in chunks[:-1]) and 0 < len(chunks[-1]) <= 100
     flat = [e for c in chunks for e in c]
     assert len(flat) == total == len({e.dedupe_key for e in flat})
