@@ -21,7 +21,9 @@ from relance.status import count_due
 from relance.workspace import Workspace
 
 
-# Each update is an API call (~70 ms): often enough for a person watching, not per batch.
+# Each artifact call is an API round trip (~70 ms): often enough for a person watching, not
+# per batch. A run over sooner gets no progress bar at all (nobody watches one that long);
+# its summary artifact says what it did.
 PROGRESS_EVERY_SECONDS = 5.0
 
 
@@ -47,10 +49,9 @@ def dispatch_due(ws: Workspace, now: datetime, max_batches: int | None = None) -
     logger = get_run_logger()
     dispatcher = Dispatcher(ws)
     dispatcher.reconcile(now)
-    due = count_due(ws, now)
     total = DispatchSummary()
-    # Most runs of a minute-by-minute schedule find nothing due: no artifact for those.
-    progress = create_progress_artifact(progress=0.0, description=f"Dispatch at {now:%Y-%m-%d %H:%M} UTC: {due} due", _sync=True) if due else None
+    progress: Any = None
+    due = 0  # counted when the progress bar is first shown
     batches = 0
     last_update = time.monotonic()
     sending: list[Any] = []  # PostgreSQL: the previous batch's sends, still running
@@ -68,8 +69,13 @@ def dispatch_due(ws: Workspace, now: datetime, max_batches: int | None = None) -
             else:  # SQLite has one writer: concurrent transactions would only queue on its lock
                 for channel, outbound in batch.outbound.items():
                     total.merge(send_channel(quote(dispatcher), channel, quote(outbound), now))
-            if progress is not None and time.monotonic() - last_update >= PROGRESS_EVERY_SECONDS:
-                update_progress_artifact(progress, progress=min(100.0, 100.0 * total.claimed / max(due, 1)), _sync=True)
+            if time.monotonic() - last_update >= PROGRESS_EVERY_SECONDS:
+                if progress is None:  # due now, plus done already, less what is still being sent
+                    due = total.claimed + count_due(ws, now) - (sum(map(len, batch.outbound.values())) if sending else 0)
+                    description = f"Dispatch at {now:%Y-%m-%d %H:%M} UTC: {due} due"
+                    progress = create_progress_artifact(progress=_percent(total, due), description=description, _sync=True)
+                else:
+                    update_progress_artifact(progress, progress=_percent(total, due), _sync=True)
                 last_update = time.monotonic()
         for future in sending:
             total.merge(future.result())
@@ -101,6 +107,10 @@ def _dispatch(workspace: str, now: datetime | None, max_batches: int | None) -> 
             return dispatch_due(ws, clock(now), max_batches).as_dict()
         finally:
             ws.close()
+
+
+def _percent(total: DispatchSummary, due: int) -> float:
+    return min(100.0, 100.0 * total.claimed / max(due, 1))
 
 
 def _markdown(now: datetime, summary: dict[str, Any]) -> str:

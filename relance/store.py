@@ -362,8 +362,9 @@ class BulkWrite:
 
 
 def datetime_param(dialect: Any) -> Callable[[datetime | None], Any]:
-    """An aware datetime as the driver takes it for a UTCDateTime column (for BulkWrite)."""
-    return UTCDateTime().bind_processor(dialect)
+    """An aware datetime as the driver takes it for a UTCDateTime column (for BulkWrite):
+    on SQLite the very text SQLAlchemy writes, since SQLite compares datetimes as text."""
+    return UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
 
 
 def utcnow() -> datetime:

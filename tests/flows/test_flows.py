@@ -57,7 +57,7 @@ def test_enroll_dispatch_ingest_report_flows(root: Path):
     ws.close()
 
 
-def test_dispatch_runs_one_task_per_batch_and_channel_and_publishes_artifacts(root: Path):
+def test_dispatch_runs_one_task_per_batch_and_channel_and_publishes_artifacts(root: Path, monkeypatch):
     from relance.enrollment import enroll as enroll_prospects
     from relance.prospects import find_prospects, import_csv
 
@@ -68,6 +68,7 @@ def test_dispatch_runs_one_task_per_batch_and_channel_and_publishes_artifacts(ro
     enroll_prospects(ws, ws.sequence("outbound"), ids, at("2027-03-15T07:00:00"))
     ws.close()
 
+    monkeypatch.setattr("flows.dispatch.PROGRESS_EVERY_SECONDS", 0.0)  # as if the batch took long
     state = asyncio.run(dispatch(workspace=str(root), now=at("2027-03-15T09:30:00"), return_state=True))
     assert state.is_completed()
     with get_client(sync_client=True) as client:
@@ -80,7 +81,14 @@ def test_dispatch_runs_one_task_per_batch_and_channel_and_publishes_artifacts(ro
         summary = [a for a in ours if a.key == "dispatch-summary"]
         assert len(summary) == 1 and "| claimed | 2 |" in summary[0].data
         progress = [a for a in ours if a.type == "progress"]
-        assert len(progress) == 1 and progress[0].data == 100.0
+        assert len(progress) == 1 and progress[0].data == 100.0 and "2 due" in progress[0].description
+
+    # A run over within PROGRESS_EVERY_SECONDS: its summary, and no progress bar nobody saw.
+    monkeypatch.undo()
+    state = asyncio.run(dispatch(workspace=str(root), now=at("2027-03-16T10:30:00"), return_state=True))
+    with get_client(sync_client=True) as client:
+        ours = [a for a in client.read_artifacts() if a.flow_run_id == state.state_details.flow_run_id]
+    assert [a.key for a in ours] == ["dispatch-summary"] and "| sent (linkedin) | 2 |" in ours[0].data
 
 
 def test_the_serve_scheduler_runs_the_async_dispatch_flow(root: Path, caplog):

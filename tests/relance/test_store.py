@@ -29,3 +29,33 @@ def test_sqlite_runs_in_wal_mode(tmp_path):
     with s.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
     s.dispose()
+
+
+def test_bulk_writes_store_datetimes_as_sqlalchemy_does(store):
+    """The hot path's driver-level writes and SQLAlchemy's own must agree on the stored form:
+    SQLite compares datetimes as text, and '09:30:00' sorts before '09:30:00.000000'."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select, update
+
+    from relance.store import BulkWrite, datetime_param, enrollments, prospects
+
+    on_the_second = datetime(2027, 3, 16, 9, 30, tzinfo=UTC)
+    with store.begin() as conn:
+        conn.execute(prospects.insert().values(id=1, email="a@example.com", created_at=on_the_second, updated_at=on_the_second))
+        for e_id, sequence in ((1, "bulk"), (2, "core")):
+            conn.execute(enrollments.insert().values(
+                id=e_id, prospect_id=1, sequence=sequence, state="active", enrolled_at=on_the_second, updated_at=on_the_second
+            ))  # fmt: skip
+        at = datetime_param(conn.dialect)
+        BulkWrite(
+            sqlite="UPDATE enrollments SET next_due_at = ? WHERE id = ?",
+            postgres="UPDATE enrollments SET next_due_at = v.due FROM unnest(%s::timestamp[], %s::bigint[]) AS v(due, id) WHERE enrollments.id = v.id",
+        ).run(conn, [(at(on_the_second), 1)])
+        conn.execute(update(enrollments).where(enrollments.c.id == 2).values(next_due_at=on_the_second))
+    with store.connect() as conn:
+        assert conn.scalars(select(enrollments.c.id).where(enrollments.c.next_due_at < on_the_second)).all() == []
+        assert conn.scalars(select(enrollments.c.id).where(enrollments.c.next_due_at == on_the_second).order_by(enrollments.c.id)).all() == [1, 2]
+        raw = text("SELECT CAST(next_due_at AS TEXT) FROM enrollments ORDER BY id")
+        bulk, core = conn.execute(raw).scalars().all()
+    assert bulk == core
