@@ -112,6 +112,10 @@ def write_workspace(root: Path, database: str, *, batch: int = DEFAULT_BATCH) ->
         path = root / "templates" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(body)
+    # One signing secret for every bench workspace: the same prospect gets the same
+    # unsubscribe link, so runs in different workspaces write identical touch rows.
+    (root / ".relance").mkdir()
+    (root / ".relance" / "secret").write_text("relance-bench-secret")
     return root
 
 

@@ -4,6 +4,7 @@ Dispatcher.run, against the floor and the naive design measured in the same run.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import time
 from dataclasses import dataclass
@@ -25,9 +26,13 @@ from bench.common import (
     write_workspace,
 )
 from bench.results import Check, Section
+from connectors.sandbox import provider_message_id
+from relance.email_message import make_message_id
 from relance.enrollment import PROSPECT_COLUMNS
+from relance.planning import pick_variant
 from relance.rendering import Rendered, Renderer, one_line
 from relance.store import Store, enrollments, prospects, touches
+from relance.tokens import UnsubscribeTokens, workspace_secret
 from relance.workspace import Workspace
 
 
@@ -60,6 +65,7 @@ def touch_work(url: str, root: Path, limit: int | None = None) -> list[tuple[tup
     seq = ws.sequences["outbound"]
     company = ws.config.company.model_dump()
     base = ws.config.web.base_url.rstrip("/")
+    tokens = UnsubscribeTokens(workspace_secret(ws.root, ws.config.web.secret_env))
     senders = {b.email: {"name": b.name, "email": b.email, "signature": b.signature} for boxes in ws.config.senders.values() for b in boxes}
     seq_ctx = {"name": seq.name, "description": seq.description, "owner": seq.owner, "language": seq.language, "kind": seq.kind}
     compiled: dict[tuple[str, str | None], tuple[Any, Any]] = {}
@@ -89,14 +95,14 @@ def touch_work(url: str, root: Path, limit: int | None = None) -> list[tuple[tup
     for r in rows:
         p = {c.name: getattr(r, f"p_{c.name}") for c in PROSPECT_COLUMNS}
         step = seq.step(r.next_step_id)
-        variant = step.email.variants[p["id"] % 2] if step.email and step.email.variants else None
+        variant = pick_variant(step.email.variants, seq.name, step.id, p["id"]) if step.email else None
         sender = senders[r.sender] if step.email else senders[seq.owner]
         key = f"{r.id}:{step.id}"
         ctx = {
             "prospect": p,
             "sender": sender,
             "company": company,
-            "unsubscribe_url": f"{base}/u/{p['id']}-{r.id}",
+            "unsubscribe_url": f"{base}/u/{tokens.make(p['id'], r.id)}",
             "sequence": seq_ctx,
             "step": {"id": step.id, "channel": step.channel.value, "action": step.action},
         }
@@ -106,11 +112,32 @@ def touch_work(url: str, root: Path, limit: int | None = None) -> list[tuple[tup
             "channel": step.channel.value, "action": step.action, "idempotency_key": key, "status": "sent",
             "spec_version": seq.version, "variant": variant.id if variant else None, "sender": sender["email"],
             "recipient": recipient, "subject": None, "content_hash": None,
-            "message_id": f"<{key}@acme.example>" if step.email else None, "provider_message_id": None,
+            "message_id": make_message_id(sender["email"], key) if step.email else None,
+            "provider_message_id": provider_message_id(key),
             "attempts": 1, "error": None, "lease_owner": None, "created_at": NOW, "sent_at": NOW,
         }  # fmt: skip
         work.append((compiled[(step.id, variant.subject if variant else None)], ctx, row))
     return work
+
+
+# What a touch row holds once sent, whoever wrote it (its id and lease aside).
+ROW_COLUMNS = (
+    "enrollment_id", "prospect_id", "sequence", "step_id", "channel", "action", "idempotency_key", "status",
+    "spec_version", "variant", "sender", "recipient", "subject", "content_hash", "message_id", "provider_message_id",
+    "attempts", "error", "created_at", "sent_at",
+)  # fmt: skip
+
+
+def touch_rows_digest(url: str) -> str:
+    """A digest of every touch row: the floor must have written the very rows dispatch did."""
+    store = Store(url, migrate=False)
+    digest = hashlib.sha256()
+    with store.connect() as conn:
+        stmt = select(*(touches.c[name] for name in ROW_COLUMNS)).order_by(touches.c.idempotency_key)
+        for row in conn.execute(stmt):
+            digest.update(repr(tuple(row)).encode())
+    store.dispose()
+    return digest.hexdigest()
 
 
 def floor(url: str, work: list[Any], batch: int) -> tuple[float, float]:
@@ -142,6 +169,7 @@ class Throughput:
         self.batch = batch
         self.rows: list[Row] = []
         self.errors: list[str] = []
+        self.digests: dict[tuple[str, int], dict[str, str]] = {}  # (backend, n) -> mode -> touch rows digest
 
     # A store seeded with n due enrollments, as a URL ready for one measurement.
     def _seeded(self, backend: str, n: int, label: str) -> str:
@@ -210,6 +238,7 @@ class Throughput:
         work = touch_work(url, self._root(label, url))
         seconds, cpu = floor(url, work, self.batch)
         self.rows.append(Row(backend, n, "floor", seconds, len(work), cpu_seconds=cpu))
+        self.digests.setdefault((backend, n), {})["floor"] = touch_rows_digest(url)
 
     def _run(self, backend: str, n: int) -> None:
         """Dispatcher.run, in a child process: its peak RSS is its own."""
@@ -219,6 +248,7 @@ class Throughput:
         self._check_summary(backend, n, "run", result["summary"])
         sent = sum(result["summary"]["sent"].values())
         self.rows.append(Row(backend, n, "Dispatcher.run", result["seconds"], sent, result["peak_rss"], result["cpu_seconds"]))
+        self.digests.setdefault((backend, n), {})["Dispatcher.run"] = touch_rows_digest(url)
 
     def _flow(self, backend: str, n: int) -> None:
         from flows.dispatch import dispatch
@@ -242,6 +272,7 @@ class Throughput:
                     root = self._root(label, url)
         self._check_summary(backend, n, "flow", summary)
         self.rows.append(Row(backend, n, "dispatch flow", t.seconds, sum(summary["sent"].values()), cpu_seconds=t.cpu))
+        self.digests.setdefault((backend, n), {})["dispatch flow"] = touch_rows_digest(url)
 
     def _check_summary(self, backend: str, n: int, mode: str, summary: dict[str, Any]) -> None:
         sent = sum(summary["sent"].values())
@@ -266,6 +297,12 @@ class Throughput:
             "**CPU s** is the measuring process's CPU time (for the flow, not the Prefect server's): on a shared machine the"
             " wall-clock ratios move with other people's load, the CPU ratios much less.",
         ]
+        for (backend, n), digests in sorted(self.digests.items()):
+            if len(set(digests.values())) > 1:
+                self.errors.append(f"{backend} {n:,}: the touch rows differ between {', '.join(sorted(digests))}")
+        same = [f"{b} {n:,}" for (b, n), d in sorted(self.digests.items()) if len(d) == 3 and len(set(d.values())) == 1]
+        if same:
+            s.notes.append(f"The floor, Dispatcher.run and the flow left the very same touch rows (a digest of every column but the id and lease, compared): {', '.join(same)}.")
         if self.errors:
             s.notes.append("**Summary mismatches:** " + "; ".join(self.errors))
         s.headers = [
