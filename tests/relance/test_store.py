@@ -59,3 +59,13 @@ def test_bulk_writes_store_datetimes_as_sqlalchemy_does(store):
         raw = text("SELECT CAST(next_due_at AS TEXT) FROM enrollments ORDER BY id")
         bulk, core = conn.execute(raw).scalars().all()
     assert bulk == core
+
+
+def test_sqlite_checkpoints_in_large_steps(tmp_path):
+    from relance.store import Store
+
+    s = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    with s.connect() as conn:
+        assert conn.execute(text("PRAGMA wal_autocheckpoint")).scalar() == 10_000
+        assert conn.execute(text("PRAGMA journal_size_limit")).scalar() == 64 * 2**20
+    s.dispose()
