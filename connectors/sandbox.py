@@ -26,6 +26,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -183,6 +184,7 @@ def _utc(when: datetime) -> datetime:
     return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
 
 
+@lru_cache(maxsize=256)  # a batch stamps thousands of lines with the same `now`
 def _iso(when: datetime) -> str:
     """Fixed width, so text order is time order in SQLite."""
     return _utc(when).isoformat(timespec="microseconds")

@@ -46,8 +46,22 @@ def _calendar(window: Window, zone_name: str, country: str | None) -> BusinessCa
     return entry[1]
 
 
+# (schedule, config, the prospect's timezone and country) -> calendar: two lookups per touch.
+_CALENDAR_FOR: dict[tuple[int, int, Any, Any], tuple[Schedule, Config, BusinessCalendar]] = {}
+
+
 def calendar_for(schedule: Schedule, prospect: Mapping[str, Any], config: Config) -> BusinessCalendar:
     """The prospect's zone (else the config's) and the holiday country the schedule names."""
+    key = (id(schedule), id(config), prospect.get("timezone"), prospect.get("country"))
+    entry = _CALENDAR_FOR.get(key)
+    if entry is None or entry[0] is not schedule or entry[1] is not config:
+        if len(_CALENDAR_FOR) >= 4096:
+            _CALENDAR_FOR.clear()
+        entry = _CALENDAR_FOR[key] = (schedule, config, _calendar_for(schedule, prospect, config))
+    return entry[2]
+
+
+def _calendar_for(schedule: Schedule, prospect: Mapping[str, Any], config: Config) -> BusinessCalendar:
     if schedule.timezone == "prospect":
         zone = zone_for(prospect.get("timezone"), config.timezone).key
     else:
