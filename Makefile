@@ -36,7 +36,7 @@ test: $(STAMP)
 	PREFECT_HOME="$$PWD/.pytest_cache/prefect" $(BIN)/python -m pytest
 	$(BIN)/lint-imports
 
-# Benchmarks of issue 3 (about 20 minutes; BENCH_ARGS=--quick for about 3): rewrites bench/RESULTS.md.
+# Benchmarks of issue 3 (10 to 20 minutes; BENCH_ARGS=--quick for about 3): rewrites bench/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
