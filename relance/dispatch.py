@@ -308,12 +308,11 @@ class Dispatcher:
                 touch_updates.append(("failed", attempts, reason, None, None, touch.touch_id))
                 failures.append((touch, reason))
         with self.store.begin() as conn:
-            at = _converted(datetime_param(conn.dialect))
+            at = datetime_param(conn.dialect)
             UPDATE_TOUCHES.run(conn, [(*u[:4], at(u[4]), u[5]) for u in touch_updates])
             for kind, ids in performed.items():
                 conn.execute(_performed_events(kind, among(conn, touches.c.id, ids), now))
-            at_now = at(now)
-            ADVANCE_ENROLLMENTS.run(conn, [(step, at(due), at_now, e_id) for e_id, step, due in advance])
+            ADVANCE_ENROLLMENTS.run(conn, [(step, at(due), at(now), e_id) for e_id, step, due in advance])
             done = [e_id for e_id, step, _ in advance if step is None]
             if done:
                 summary.completed += len(done)
@@ -407,18 +406,6 @@ class Dispatcher:
                 for channel, outbound in batch.outbound.items():
                     total.merge(self.deliver(channel, outbound, now))
         return total
-
-
-def _converted(convert: Any) -> Any:
-    """`convert` for a batch's datetimes, once per distinct value: most share a few."""
-    seen: dict[datetime | None, Any] = {None: None}
-
-    def at(value: datetime | None) -> Any:
-        if value not in seen:
-            seen[value] = convert(value)
-        return seen[value]
-
-    return at
 
 
 def _performed_events(kind: EventKind, these_touches: Any, now: datetime) -> Any:
@@ -708,7 +695,7 @@ class _Preparer:
         fresh = [(v, o, t) for v, o, t in self.new_touches if "id" not in v]
         again = [v for v, _, _ in self.new_touches if "id" in v]
         if fresh:
-            at = _converted(datetime_param(conn.dialect))
+            at = datetime_param(conn.dialect)
             rows = [{**TOUCH_DEFAULTS, **v} for v, _, _ in fresh]
             INSERT_TOUCHES.run(conn, [(*_touch_fields(r), at(r["created_at"]), at(r["sent_at"])) for r in rows])
             keys = [r["idempotency_key"] for r in rows]

@@ -368,8 +368,19 @@ class BulkWrite:
 
 def datetime_param(dialect: Any) -> Callable[[datetime | None], Any]:
     """An aware datetime as the driver takes it for a UTCDateTime column (for BulkWrite):
-    on SQLite the very text SQLAlchemy writes, since SQLite compares datetimes as text."""
-    return UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    on SQLite the very text SQLAlchemy writes, since SQLite compares datetimes as text.
+
+    Take one per batch: it converts each distinct value once, and a batch's thousands of
+    datetimes share a few values."""
+    convert = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    seen: dict[datetime | None, Any] = {None: None}
+
+    def param(value: datetime | None) -> Any:
+        if value not in seen:
+            seen[value] = convert(value)
+        return seen[value]
+
+    return param
 
 
 def utcnow() -> datetime:
