@@ -11,7 +11,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, update
 
 from relance.channels import InboundEvent
 from relance.dispatch import Dispatcher
@@ -113,6 +113,22 @@ def test_multichannel_cadence_runs_every_step_in_order(ws: Workspace):
     bump = touch_rows(ws, step_id="bump")[0]
     intro = touch_rows(ws, step_id="intro")[0]
     assert bump.subject == f"Re: {intro.subject}"
+
+
+def test_a_batch_writes_each_channels_touches_side_by_side(ws: Workspace):
+    """Each channel's delivery rewrites its touch rows: grouped, they share pages, and a
+    channel's delivery no longer rewrites every page of the batch."""
+    pids = add_prospects(ws, *(person(i) for i in range(1, 10)))
+    enroll(ws, ws.sequence("outbound"), pids, MONDAY)
+    due = at("2027-03-16T08:30:00")  # Tuesday, 09:30 in Paris
+    with ws.store.begin() as conn:
+        for pid, step in zip(pids, ["intro", "invite", "call-1"] * 3):  # channels interleaved by enrollment
+            conn.execute(update(enrollments).where(enrollments.c.prospect_id == pid).values(next_step_id=step, next_due_at=due))
+    Dispatcher(ws).run(due)
+    channels = [t.channel for t in touch_rows(ws)]
+    assert sorted(channels) == ["call"] * 3 + ["email"] * 3 + ["linkedin"] * 3
+    runs = [c for i, c in enumerate(channels) if i == 0 or channels[i - 1] != c]
+    assert len(runs) == 3  # one contiguous run of ids per channel
 
 
 def test_a_reply_ends_the_cadence_before_its_next_touch(ws: Workspace):
