@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter
+from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
+from prefect.logging.handlers import APILogHandler
 from sqlalchemy import func, select
 
-from flows.dispatch import dispatch
+from flows.dispatch import QuietCompletions, dispatch
 from flows.enroll import enroll
 from flows.ingest import ingest
 from flows.report import report
@@ -83,6 +85,13 @@ def test_dispatch_runs_one_task_per_batch_and_channel_and_publishes_artifacts(ro
         progress = [a for a in ours if a.type == "progress"]
         assert len(progress) == 1 and progress[0].data == 100.0 and "2 due" in progress[0].description
 
+    # Routine task completions stay out of the run's log; the flow's own is there.
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    finished = [(log.task_run_id, log.message) for log in logs if log.message.startswith("Finished in state")]
+    assert finished == [(None, "Finished in state Completed()")]
+
     # A run over within PROGRESS_EVERY_SECONDS: its summary, and no progress bar nobody saw.
     monkeypatch.undo()
     state = asyncio.run(dispatch(workspace=str(root), now=at("2027-03-16T10:30:00"), return_state=True))
@@ -94,7 +103,6 @@ def test_dispatch_runs_one_task_per_batch_and_channel_and_publishes_artifacts(ro
 def test_the_serve_scheduler_runs_the_async_dispatch_flow(root: Path, caplog):
     """`relance serve` fires the flows from APScheduler's threads: the async dispatch flow
     is run to completion there, not left as an unawaited coroutine."""
-    import logging
 
     from relance.serve import build_scheduler
 
@@ -103,3 +111,19 @@ def test_the_serve_scheduler_runs_the_async_dispatch_flow(root: Path, caplog):
     with caplog.at_level(logging.INFO, logger="relance.serve"):
         scheduler.get_job("dispatch").func()
     assert [r.getMessage() for r in caplog.records if r.name == "relance.serve"] == ["dispatch: nothing to do"]
+
+
+@pytest.mark.parametrize(
+    ("task_name", "level", "message", "kept"),
+    [
+        ("prepare-batch", logging.INFO, "Finished in state Completed()", False),
+        ("send-channel", logging.INFO, "Finished in state Completed()", False),
+        ("send-channel", logging.ERROR, "Finished in state Failed('Task run encountered an exception')", True),
+        ("prepare-batch", logging.INFO, "Task run failed with exception: OperationalError - Retry 1/3 will start 2 second(s) from now", True),
+        ("enroll-chunk", logging.INFO, "Finished in state Completed()", True),  # not a dispatch task
+    ],
+)
+def test_only_routine_completions_of_dispatch_tasks_are_left_out_of_the_logs(task_name, level, message, kept):
+    record = logging.LogRecord("prefect.task_runs", level, __file__, 1, message, None, None)
+    record.task_name = task_name
+    assert QuietCompletions().filter(record) is kept
