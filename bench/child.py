@@ -85,9 +85,9 @@ def main() -> None:
     started_at = time.time()
     start, cpu = time.perf_counter(), time.process_time()
     summary = dispatcher.run(datetime.fromisoformat(args.now) if args.now else NOW)
+    ws.close()  # timed, as in the flow: SQLite checkpoints its WAL on the last close
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = peak_rss()
-    ws.close()
     print(json.dumps({
         "seconds": seconds, "cpu_seconds": cpu, "summary": summary.as_dict(), "rss_before": rss_before,
         "peak_rss": peak, "started_at": started_at, "ended_at": started_at + seconds,

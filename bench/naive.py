@@ -7,6 +7,7 @@ Imported only after PREFECT_HOME points at the bench's temporary directory.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,11 @@ from prefect.utilities.annotations import quote
 from sqlalchemy import insert
 
 from flows._common import TASK_OPTIONS
+from flows.dispatch import QuietCompletions
 from relance.store import touches
+
+# Logged as the dispatch flow's own tasks are: without their routine completion lines.
+logging.getLogger("prefect.task_runs").addFilter(QuietCompletions(["naive-touch"]))
 
 
 @task(name="naive-touch", **TASK_OPTIONS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -35,18 +36,20 @@ class QuietCompletions(logging.Filter):
     Prefect's engine). Only those lines of our own tasks are dropped: failures, retries and
     every other message pass."""
 
-    TASKS = frozenset({"prepare-batch", "send-channel"})
+    def __init__(self, task_names: Iterable[str]):
+        super().__init__()
+        self.task_names = frozenset(task_names)
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (
             record.levelno == logging.INFO
-            and getattr(record, "task_name", None) in self.TASKS
+            and getattr(record, "task_name", None) in self.task_names
             and isinstance(record.msg, str)
             and record.msg.startswith("Finished in state Completed")
         )
 
 
-logging.getLogger("prefect.task_runs").addFilter(QuietCompletions())
+logging.getLogger("prefect.task_runs").addFilter(QuietCompletions(["prepare-batch", "send-channel"]))
 
 
 @task(name="prepare-batch", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), **TASK_OPTIONS)
