@@ -11,11 +11,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-from prefect.context import SyncClientContext
 from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
-from flows._common import TASK_OPTIONS, clock, open_workspace
+from flows._common import TASK_OPTIONS, api_client_context, clock, open_workspace
 from relance.channels import OutboundTouch
 from relance.dispatch import Batch, Dispatcher, DispatchSummary, fewer_collections
 from relance.events import Channel
@@ -125,8 +124,8 @@ async def dispatch(workspace: str = ".", now: datetime | None = None, max_batche
 
 def _dispatch(workspace: str, now: datetime | None, max_batches: int | None) -> dict[str, Any]:
     # One API client for all the run's tasks: without it, each task in this thread would
-    # build its own (a new TLS context each, some milliseconds).
-    with SyncClientContext.get_or_create():
+    # build its own.
+    with api_client_context():
         ws = open_workspace(workspace)
         try:
             return dispatch_due(ws, clock(now), max_batches).as_dict()

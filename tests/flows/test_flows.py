@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFl
 from prefect.logging.handlers import APILogHandler
 from sqlalchemy import func, select
 
+from flows._common import api_client_context
 from flows.dispatch import QuietCompletions, dispatch
 from flows.enroll import enroll
 from flows.ingest import ingest
@@ -127,3 +129,13 @@ def test_only_routine_completions_of_dispatch_tasks_are_left_out_of_the_logs(tas
     record = logging.LogRecord("prefect.task_runs", level, __file__, 1, message, None, None)
     record.task_name = task_name
     assert QuietCompletions(["prepare-batch", "send-channel"]).filter(record) is kept
+
+
+def test_the_dispatch_api_client_reuses_one_tls_context_as_prefect_would_build_it():
+    from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, temporary_settings
+
+    first, second = api_client_context(), api_client_context()
+    verify = first._httpx_settings["verify"]
+    assert verify is second._httpx_settings["verify"] and verify.verify_mode == ssl.CERT_REQUIRED and verify.check_hostname
+    with temporary_settings({PREFECT_API_TLS_INSECURE_SKIP_VERIFY: True}):
+        assert api_client_context()._httpx_settings["verify"].verify_mode == ssl.CERT_NONE
