@@ -103,6 +103,13 @@ def _kill_and_take_over(work: Path, n: int, expected_seconds: float) -> dict[str
     start = time.time() + 8.0
     survivor, victim = _spawn(root, start, logs[0]), _spawn(root, start, logs[1])
     time.sleep(max(0.0, start - time.time()) + expected_seconds / 3)
+    # Killed mid-send: the moment its key log grows, the victim is handing a batch to a
+    # connector, so it dies holding leases over touches written `sending`. (Killed at an
+    # arbitrary instant, it may die between batches, holding nothing, and nothing is taken over.)
+    logged = _size(logs[1])
+    deadline = time.time() + 60
+    while _size(logs[1]) == logged and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate()
     first = _result(survivor)
@@ -116,6 +123,10 @@ def _kill_and_take_over(work: Path, n: int, expected_seconds: float) -> dict[str
     return verdict
 
 
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
 def run(work: Path, n: int) -> Section:
     work.mkdir(parents=True, exist_ok=True)
     s = Section("6. scale-out", f"6. Scale-out on PostgreSQL: 1 and 2 dispatch worker processes over {n:,} due enrollments")
@@ -125,7 +136,8 @@ def run(work: Path, n: int) -> Section:
         " everything, then start together at an agreed wall-clock time; the time is from the first start to the last"
         " finish. Every key a worker hands to a connector is logged: *handed twice* counts keys handed more than once"
         " across all workers, *lost* counts due enrollments whose touch is not `sent`.",
-        "Kill test: two workers, one killed with SIGKILL a third of the way through; the survivor runs to the end;"
+        "Kill test: two workers, one killed with SIGKILL a third of the way through, as it next hands a batch to a"
+        " connector (so it dies holding leases over touches written `sending`); the survivor runs to the end;"
         f" then a third worker runs at NOW + {LEASE_SECONDS + 1} s + the real time elapsed since the start (past the dead worker's {LEASE_SECONDS} s leases,"
         " which run from when they were handed out)"
         " and takes over what the dead one had claimed: its `sending` touches are resumed through the idempotent"

@@ -216,12 +216,23 @@ class Throughput:
 
         n = self.naive_sample
         label = f"naive-{backend}"
-        url = self._seeded(backend, n, label)
-        root = self._root(label, url)
-        work = touch_work(url, root)
-        store = Store(url, migrate=False)
-        seconds = naive.run(store.engine, work, self.work / f"{label}.jsonl")  # loop time, inside the flow
-        store.dispose()
+        for attempt in range(3):
+            url = self._seeded(backend, n, label)
+            root = self._root(label, url)
+            work = touch_work(url, root)
+            store = Store(url, migrate=False)
+            try:
+                seconds = naive.run(store.engine, work, self.work / f"{label}.jsonl")  # loop time, inside the flow
+                break
+            except Exception as exc:
+                # The temporary server, still recording the previous naive run's thousands of
+                # task runs, can answer 503 "database is locked": wait, re-seed, run again.
+                if attempt == 2:
+                    raise
+                self.errors.append(f"{backend} naive, attempt {attempt + 1}: {type(exc).__name__}: {str(exc)[:200]} (retried)")
+                time.sleep(30)
+            finally:
+                store.dispose()
         self.rows.append(Row(backend, n, "naive", seconds, len(work)))
 
     def measure(self, backend: str, n: int) -> None:
@@ -308,7 +319,7 @@ class Throughput:
         if same:
             s.notes.append(f"The floor, Dispatcher.run and the flow left the very same touch rows (a digest of every column but the id and lease, compared): {', '.join(same)}.")
         if self.errors:
-            s.notes.append("**Summary mismatches:** " + "; ".join(self.errors))
+            s.notes.append("**Errors and retries:** " + "; ".join(self.errors))
         s.headers = [
             "backend", "enrollments", "mode", "seconds", "touches", "touches/s", "x floor time", "x faster than naive",
             "CPU s", "x floor CPU", "peak RSS MB",
