@@ -34,7 +34,8 @@ def api_client_context() -> SyncClientContext:
     """A Prefect API client for the tasks run in this thread, with the TLS context Prefect
     would build itself, but built once per process: Prefect builds one per client and loads
     the whole CA bundle each time, some 25 ms of every dispatch run."""
-    return SyncClientContext(httpx_settings={"verify": _tls_context(PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value(), PREFECT_API_SSL_CERT_FILE.value())})
+    tls = _tls_context(PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value(), PREFECT_API_SSL_CERT_FILE.value())
+    return SyncClientContext(httpx_settings={"verify": tls})
 
 
 @lru_cache(maxsize=4)
