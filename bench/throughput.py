@@ -7,9 +7,10 @@ import asyncio
 import hashlib
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import insert, select
 
@@ -34,6 +35,8 @@ from relance.rendering import Rendered, Renderer, one_line
 from relance.store import Store, enrollments, prospects, touches
 from relance.tokens import UnsubscribeTokens, workspace_secret
 from relance.workspace import Workspace
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -216,24 +219,18 @@ class Throughput:
 
         n = self.naive_sample
         label = f"naive-{backend}"
-        for attempt in range(3):
+
+        def once() -> tuple[float, int]:
             url = self._seeded(backend, n, label)
-            root = self._root(label, url)
-            work = touch_work(url, root)
+            work = touch_work(url, self._root(label, url))
             store = Store(url, migrate=False)
             try:
-                seconds = naive.run(store.engine, work, self.work / f"{label}.jsonl")  # loop time, inside the flow
-                break
-            except Exception as exc:
-                # The temporary server, still recording the previous naive run's thousands of
-                # task runs, can answer 503 "database is locked": wait, re-seed, run again.
-                if attempt == 2:
-                    raise
-                self.errors.append(f"{backend} naive, attempt {attempt + 1}: {type(exc).__name__}: {str(exc)[:200]} (retried)")
-                time.sleep(30)
+                return naive.run(store.engine, work, self.work / f"{label}.jsonl"), len(work)  # loop time, inside the flow
             finally:
                 store.dispose()
-        self.rows.append(Row(backend, n, "naive", seconds, len(work)))
+
+        seconds, touched = self._with_retries(f"{backend} naive", once)
+        self.rows.append(Row(backend, n, "naive", seconds, touched))
 
     def measure(self, backend: str, n: int) -> None:
         self._attempt(f"{backend} {n:,} floor", lambda: self._floor(backend, n))
@@ -266,25 +263,30 @@ class Throughput:
         from flows.dispatch import dispatch
 
         label = f"flow-{backend}-{n}"
-        url = self._seeded(backend, n, label)
-        root = self._root(label, url)
-        for attempt in range(3):
+
+        def once() -> tuple[dict[str, Any], Any, str]:
+            url = self._seeded(backend, n, label)
+            root = self._root(label, url)
             with timed() as t:
-                try:
-                    summary = asyncio.run(dispatch(workspace=str(root), now=NOW))
-                    break
-                except Exception as exc:
-                    # Before the flow run exists (a 503 from a swamped temporary server), nothing
-                    # was dispatched; after, the store is no longer the seeded one: re-seed.
-                    if attempt == 2:
-                        raise
-                    self.errors.append(f"{backend} {n:,} dispatch flow, attempt {attempt + 1}: {type(exc).__name__}: {str(exc)[:200]} (retried)")
-                    time.sleep(20)
-                    url = self._seeded(backend, n, label)
-                    root = self._root(label, url)
+                summary = asyncio.run(dispatch(workspace=str(root), now=NOW))
+            return summary, t, url
+
+        summary, t, url = self._with_retries(f"{backend} {n:,} dispatch flow", once)
         self._check_summary(backend, n, "flow", summary)
         self.rows.append(Row(backend, n, "dispatch flow", t.seconds, sum(summary["sent"].values()), cpu_seconds=t.cpu))
         self.digests.setdefault((backend, n), {})["dispatch flow"] = touch_rows_digest(url)
+
+    def _with_retries(self, what: str, once: Callable[[], T]) -> T:
+        """`once` up to three times: Prefect's temporary server, still recording earlier runs'
+        thousands of task runs, can answer 503 "database is locked" before a flow run exists.
+        `once` seeds its own store, so each attempt starts from the seeded state."""
+        for attempt in (1, 2):
+            try:
+                return once()
+            except Exception as exc:
+                self.errors.append(f"{what}, attempt {attempt}: {type(exc).__name__}: {str(exc)[:200]} (retried)")
+                time.sleep(20)
+        return once()
 
     def _check_summary(self, backend: str, n: int, mode: str, summary: dict[str, Any]) -> None:
         sent = sum(summary["sent"].values())
