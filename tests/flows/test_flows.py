@@ -105,7 +105,6 @@ def test_dispatch_runs_one_task_per_batch_and_channel_and_publishes_artifacts(ro
 def test_the_serve_scheduler_runs_the_async_dispatch_flow(root: Path, caplog):
     """`relance serve` fires the flows from APScheduler's threads: the async dispatch flow
     is run to completion there, not left as an unawaited coroutine."""
-
     from relance.serve import build_scheduler
 
     scheduler, ws = build_scheduler(root)
