@@ -112,27 +112,19 @@ def measure(work: Path, backend: str, small: int, large: int, rounds: int = ROUN
     """On SQLite, both stores' rounds interleaved (small, large, small, ...): a slow spell of
     the machine then weighs on both, not on whichever was being measured. PostgreSQL has one
     bench database, so there one store after the other."""
-    if backend == "postgresql":
-        return [_measure_alone(work, backend, total, rounds) for total in (small, large)]
-    stores = [_Store(work, backend, small), _Store(work, backend, large)]
-    try:
-        for i in range(rounds + 1):
+    groups = [[small], [large]] if backend == "postgresql" else [[small, large]]
+    results = []
+    for totals in groups:
+        stores = [_Store(work, backend, total) for total in totals]
+        try:
+            for i in range(rounds + 1):
+                for store in stores:
+                    store.round(timed_round=i > 0)
+            results += [store.result() for store in stores]
+        finally:
             for store in stores:
-                store.round(timed_round=i > 0)
-        return [store.result() for store in stores]
-    finally:
-        for store in stores:
-            store.ws.close()
-
-
-def _measure_alone(work: Path, backend: str, total: int, rounds: int) -> dict[str, Any]:
-    store = _Store(work, backend, total)
-    try:
-        for i in range(rounds + 1):
-            store.round(timed_round=i > 0)
-        return store.result()
-    finally:
-        store.ws.close()
+                store.ws.close()
+    return results
 
 
 def run(work: Path, backends: list[str], small: int, large: int, rounds: int = ROUNDS) -> Section:
