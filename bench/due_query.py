@@ -136,7 +136,7 @@ def run(work: Path, backends: list[str], small: int, large: int, rounds: int = R
         f" PostgreSQL). One warm-up round, then {rounds} timed rounds of `Dispatcher.claim(limit=1000)` +"
         " `Dispatcher.prepare`, the store reset to the same state between rounds (on SQLite the two stores' rounds"
         " interleaved, so a slow spell of the machine weighs on both); medians compared. SQLite is not"
-        " ANALYZEd (a real store never is); PostgreSQL is ANALYZEd after the load, as autovacuum would.",
+        " ANALYZEd (a real store never is); PostgreSQL is VACUUM ANALYZEd after the load, as autovacuum would, and checkpointed.",
         "The claim's own time is shown apart: finding the due rows is an index range scan (plans below); what it"
         " costs beyond that is writing the 1,000 leases back, one table page per row once the due rows are spread over"
         " a large table, so it grows from 10k to ~100k enrollments and then stays flat.",

@@ -37,7 +37,7 @@ from relance.planning import calendar_for, due_at, following, pick_variant, repl
 from relance.rendering import LINKEDIN_NOTE_LIMIT
 from relance.rules import apply as apply_rules, ends, finish_enrollments
 from relance.spec import Sequence, Step
-from relance.store import BulkWrite, UTCDateTime, among, datetime_param, enrollments, events, prospects, tasks, touches
+from relance.store import BulkInsert, BulkWrite, UTCDateTime, among, datetime_param, enrollments, events, prospects, tasks, touches
 from relance.suppression import suppressed_ids
 from relance.tokens import UnsubscribeTokens, workspace_secret
 from relance.workspace import Workspace
@@ -58,18 +58,12 @@ TOUCH_DEFAULTS = dict.fromkeys(
 RETRYABLE_STATUSES = ("retry", "failed")
 # The hot path's writes (BulkWrite): one row per touch or enrollment.
 TOUCH_COLUMNS = (
-    ("enrollment_id", "bigint"), ("prospect_id", "bigint"), ("sequence", "text"), ("step_id", "text"), ("channel", "text"),
-    ("action", "text"), ("idempotency_key", "text"), ("status", "text"), ("spec_version", "text"), ("variant", "text"),
-    ("sender", "text"), ("recipient", "text"), ("subject", "text"), ("content_hash", "text"), ("message_id", "text"),
-    ("provider_message_id", "text"), ("attempts", "int"), ("error", "text"), ("lease_owner", "text"),
-    ("created_at", "timestamp"), ("sent_at", "timestamp"),
+    "enrollment_id", "prospect_id", "sequence", "step_id", "channel", "action", "idempotency_key", "status",
+    "spec_version", "variant", "sender", "recipient", "subject", "content_hash", "message_id", "provider_message_id",
+    "attempts", "error", "lease_owner", "created_at", "sent_at",
 )  # fmt: skip
-_touch_fields = itemgetter(*(name for name, _ in TOUCH_COLUMNS[:-2]))  # all but the two datetimes, converted apart
-_names = ", ".join(name for name, _ in TOUCH_COLUMNS)
-INSERT_TOUCHES = BulkWrite(
-    sqlite=f"INSERT INTO touches ({_names}) VALUES ({', '.join('?' * len(TOUCH_COLUMNS))})",
-    postgres=f"INSERT INTO touches ({_names}) SELECT * FROM unnest({', '.join(f'%s::{kind}[]' for _, kind in TOUCH_COLUMNS)})",
-)
+_touch_fields = itemgetter(*TOUCH_COLUMNS[:-2])  # all but the two datetimes, converted apart
+INSERT_TOUCHES = BulkInsert("touches", TOUCH_COLUMNS)
 UPDATE_TOUCHES = BulkWrite(  # (status, attempts, error, provider_message_id, sent_at, id)
     sqlite="UPDATE touches SET status = ?, attempts = ?, error = ?, provider_message_id = ?, sent_at = ?, lease_owner = NULL WHERE id = ?",
     postgres=(

@@ -345,7 +345,7 @@ def among(conn: Connection, column: Any, values: Sequence[Any]) -> Any:
 
 @dataclass(frozen=True)
 class BulkWrite:
-    """A hot-path write of many rows, in the fastest form each backend has: driver
+    """A hot-path update of many rows, in the fastest form each backend has: driver
     executemany on SQLite (in process, where SQLAlchemy's per-row parameter processing cost
     more than the writes themselves), and on PostgreSQL one statement over one array per
     column (`unnest`): a single round trip and a single plan, not one of each per row.
@@ -364,6 +364,29 @@ class BulkWrite:
             conn.exec_driver_sql(self.postgres, tuple(list(column) for column in zip(*rows)))
         else:
             conn.exec_driver_sql(self.sqlite, list(rows))
+
+
+@dataclass(frozen=True)
+class BulkInsert:
+    """Many new rows of one table: driver executemany on SQLite, COPY on PostgreSQL (a
+    2,000-touch batch in half the time of one INSERT over unnest arrays: no statement to
+    plan, no arrays to build and unpack). Runs in the connection's open transaction.
+
+    Rows are tuples in `columns` order, already in the driver's types (`datetime_param`)."""
+
+    table: str
+    columns: tuple[str, ...]
+
+    def run(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        names = ", ".join(self.columns)
+        if conn.dialect.name == "postgresql":
+            with conn.connection.cursor() as cursor, cursor.copy(f"COPY {self.table} ({names}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            conn.exec_driver_sql(f"INSERT INTO {self.table} ({names}) VALUES ({', '.join('?' * len(self.columns))})", list(rows))
 
 
 def datetime_param(dialect: Any) -> Callable[[datetime | None], Any]:
