@@ -61,6 +61,36 @@ def test_bulk_writes_store_datetimes_as_sqlalchemy_does(store):
     assert bulk == core
 
 
+def test_bulk_inserts_store_rows_as_sqlalchemy_does(store):
+    """COPY on PostgreSQL, executemany on SQLite: the same stored values as SQLAlchemy's own
+    insert, NULLs and datetimes included."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert, select
+
+    from relance.store import BulkInsert, datetime_param, prospects, touches
+
+    now = datetime(2027, 3, 16, 9, 30, tzinfo=UTC)
+    row = {
+        "enrollment_id": 1, "prospect_id": 1, "sequence": "s", "step_id": "intro", "channel": "email", "action": "send",
+        "status": "sending", "spec_version": "v1", "subject": "Un été à Paris\ttab", "error": None, "attempts": 0, "created_at": now,
+    }  # fmt: skip
+    columns = tuple(row) + ("idempotency_key",)
+    with store.begin() as conn:
+        conn.execute(prospects.insert().values(id=1, email="a@example.com", created_at=now, updated_at=now))
+        conn.execute(text("INSERT INTO enrollments (id, prospect_id, sequence, exclusive, state, attempts, enrolled_at, updated_at)"
+                          " SELECT 1, 1, 's', 1, 'active', 0, created_at, created_at FROM prospects"))  # fmt: skip
+        at = datetime_param(conn.dialect)
+        BulkInsert("touches", columns).run(conn, [tuple(at(v) if k == "created_at" else v for k, v in row.items()) + ("1:bulk",)])
+        conn.execute(insert(touches), [{**row, "idempotency_key": "1:core"}])
+    with store.connect() as conn:
+        stored = conn.execute(select(touches).order_by(touches.c.idempotency_key)).mappings().all()
+        raw = conn.execute(text("SELECT CAST(created_at AS TEXT) FROM touches ORDER BY idempotency_key")).scalars().all()
+    bulk, core = ({k: v for k, v in r.items() if k not in ("id", "idempotency_key")} for r in stored)
+    assert bulk == core and bulk["subject"] == "Un été à Paris\ttab" and bulk["error"] is None
+    assert raw[0] == raw[1]
+
+
 def test_sqlite_checkpoints_in_large_steps(tmp_path):
     from relance.store import Store
 
