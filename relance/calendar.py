@@ -165,6 +165,7 @@ class BusinessCalendar:
         self.window, self.zone, self.country = window, zone, (_check_country(code) if code else None)
         self._rules = _rules_for(window, zone, self.country)
         self._due: dict[tuple[datetime, int, str | None], tuple[datetime, datetime | None, datetime | None]] = {}
+        self._open: tuple[datetime, bool] | None = None  # the last is_open answer: a batch asks about one instant
 
     def __repr__(self) -> str:
         return f"BusinessCalendar(zone={self.zone.key!r}, country={self.country!r})"
@@ -180,7 +181,13 @@ class BusinessCalendar:
         return day.weekday() < 5 and not self._rules.is_holiday(day)
 
     def is_open(self, at: datetime) -> bool:
-        at = _as_utc(at)
+        if self._open is not None and self._open[0] is at:
+            return self._open[1]
+        answer = self._is_open(_as_utc(at))
+        self._open = (at, answer)
+        return answer
+
+    def _is_open(self, at: datetime) -> bool:
         # Only intervals starting the local day before (spanning midnight) or the same day can hold `at`.
         for s, e in self._rules.stream(self._local_date(at) - _ONE_DAY, 2):
             if s > at:

@@ -771,13 +771,18 @@ class _Capacity:
             ):
                 self.by_domain[(sender, (dom or "").lower())] = int(n)
         self.today = now.astimezone(zone_for(None, ws.config.timezone)).date()
-        self._limits: dict[tuple[str, Channel, str], dict[str, int]] = {}
+        self._budgets: dict[tuple[str, Channel, str], tuple[tuple[Any, ...], tuple[tuple[Any, int], ...]]] = {}
 
-    def limits(self, sender: str, step: Step) -> dict[str, int]:
+    def budget(self, sender: str, step: Step) -> tuple[tuple[Any, ...], tuple[tuple[Any, int], ...]]:
+        """The counters a send from `sender` on this step adds to, and (counter, limit) for the
+        ones that are capped; built once per sender and step kind, not per touch."""
         key = (sender, step.channel, step.action)
-        if key not in self._limits:
-            self._limits[key] = self._read_limits(sender, step)
-        return self._limits[key]
+        found = self._budgets.get(key)
+        if found is None:
+            counters = {p: (sender, step.channel.value, step.action, p) for p in ("hour", "day", "week")}
+            capped = tuple((counters[p], limit) for p, limit in self._read_limits(sender, step).items())
+            found = self._budgets[key] = (tuple(counters.values()), capped)
+        return found
 
     def _read_limits(self, sender: str, step: Step) -> dict[str, int]:
         cfg = self.ws.config
@@ -801,15 +806,15 @@ class _Capacity:
         return {}
 
     def take(self, sender: str, step: Step, recipient: str) -> bool:
-        limits = self.limits(sender, step)
-        keys = {p: (sender, step.channel.value, step.action, p) for p in ("hour", "day", "week")}
-        if any(self.counts[keys[p]] >= limit for p, limit in limits.items()):
+        counters, capped = self.budget(sender, step)
+        counts = self.counts
+        if any(counts[counter] >= limit for counter, limit in capped):
             return False
         domain_key = (sender, recipient.rpartition("@")[2].lower()) if step.channel == Channel.email else None
         if domain_key is not None and self.domain_cap is not None and self.by_domain[domain_key] >= self.domain_cap:
             return False
-        for p in keys:
-            self.counts[keys[p]] += 1
+        for counter in counters:
+            counts[counter] += 1
         if domain_key is not None:
             self.by_domain[domain_key] += 1
         return True
