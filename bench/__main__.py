@@ -58,6 +58,7 @@ def sizes(quick: bool) -> dict:
             "throughput": {"sqlite": [5_000], "postgresql": [2_000]},
             "throughput_optional": {},
             "naive": 200,
+            "throughput_rounds": 1,
             "due": (10_000, 50_000),
             "due_rounds": 2,
             "memory": [5_000, 15_000],
@@ -71,6 +72,7 @@ def sizes(quick: bool) -> dict:
         "throughput": {"sqlite": [10_000, 100_000], "postgresql": [10_000]},
         "throughput_optional": {"postgresql": 100_000},
         "naive": 2_000,
+        "throughput_rounds": 3,
         "due": (10_000, 1_000_000),
         "due_rounds": 7,
         "memory": [10_000, 100_000],
@@ -135,15 +137,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _echo(bench, backend: str, n: int, modes: tuple[str, ...] = ("floor", "Dispatcher.run", "dispatch flow")) -> None:
-    for row in bench.rows:
+    for row in bench.medians():
         if row.backend == backend and row.n == n and row.mode in modes:
-            print(f"   {row.backend} {row.n:,} {row.mode}: {row.seconds:.2f} s, {row.rate:,.0f} touches/s", flush=True)
+            print(f"   {row.backend} {row.n:,} {row.mode}: {row.seconds:.2f} s, {row.rate:,.0f} touches/s (rounds: {bench.spread(row)})", flush=True)
 
 
 def run_throughput(cfg: dict, backends: list[str], args: argparse.Namespace) -> results.Section:
     from bench.throughput import Throughput
 
-    bench = Throughput(WORK / "throughput", sizes={b: cfg["throughput"][b] for b in backends}, naive_sample=cfg["naive"])
+    bench = Throughput(WORK / "throughput", sizes={b: cfg["throughput"][b] for b in backends}, naive_sample=cfg["naive"], rounds=cfg["throughput_rounds"])
     bench.work.mkdir(parents=True, exist_ok=True)
     warm = bench.warm_up()
     print(f"   Prefect warm-up (temporary server start): {warm:.1f} s", flush=True)

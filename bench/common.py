@@ -265,3 +265,18 @@ def count_due(store: Store, now: datetime = NOW) -> int:
     )
     with store.connect() as conn:
         return conn.scalar(stmt, {"now": now})
+
+
+def wait_until_recorded(flow_run_id: str, expected: int, timeout: float = 300.0) -> int:
+    """The server records task runs from their events after the flow has returned: thousands of
+    them keep it busy for a while, and a measurement started meanwhile would share the CPU with
+    it (and meet 503s). Wait until `expected` task runs of this flow run are recorded as
+    completed; returns how many were."""
+    from prefect.client.orchestration import get_client
+
+    query = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "task_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while (recorded := client.request("POST", "/task_runs/count", json=query).json()) < expected and time.monotonic() < deadline:
+            time.sleep(0.5)
+    return recorded

@@ -24,6 +24,7 @@ from bench.common import (
     fresh_store,
     seed,
     timed,
+    wait_until_recorded,
     write_workspace,
 )
 from bench.results import Check, Section
@@ -166,14 +167,20 @@ def floor(url: str, work: list[Any], batch: int) -> tuple[float, float]:
 
 
 class Throughput:
-    def __init__(self, work: Path, *, sizes: dict[str, list[int]], naive_sample: int, batch: int = DEFAULT_BATCH):
+    """Each size is measured in `rounds` interleaved rounds (floor, run, flow, floor, run,
+    flow, ...) and each mode's median round is the one reported: the speed of this shared
+    machine drifts by half from one minute to the next, which a single round per mode
+    charged to whichever mode ran in the slow minute."""
+
+    def __init__(self, work: Path, *, sizes: dict[str, list[int]], naive_sample: int, batch: int = DEFAULT_BATCH, rounds: int = 3):
         self.work = work
         self.sizes = sizes  # backend -> enrollment counts
         self.naive_sample = naive_sample
         self.batch = batch
-        self.rows: list[Row] = []
+        self.rounds = rounds
+        self.rows: list[Row] = []  # every round's
         self.errors: list[str] = []
-        self.digests: dict[tuple[str, int], dict[str, str]] = {}  # (backend, n) -> mode -> touch rows digest
+        self.digests: dict[tuple[str, int], dict[str, set[str]]] = {}  # (backend, n) -> mode -> touch rows digests
 
     # A store seeded with n due enrollments, as a URL ready for one measurement.
     def _seeded(self, backend: str, n: int, label: str) -> str:
@@ -212,7 +219,8 @@ class Throughput:
             print(f"   {what} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
 
     def measure_naive(self, backend: str) -> None:
-        self._attempt(f"{backend} naive", lambda: self._naive(backend))
+        for _ in range(self.rounds):
+            self._attempt(f"{backend} naive", lambda: self._naive(backend))
 
     def _naive(self, backend: str) -> None:
         from bench import naive
@@ -220,22 +228,24 @@ class Throughput:
         n = self.naive_sample
         label = f"naive-{backend}"
 
-        def once() -> tuple[float, int]:
+        def once() -> tuple[float, str, int]:
             url = self._seeded(backend, n, label)
             work = touch_work(url, self._root(label, url))
             store = Store(url, migrate=False)
             try:
-                return naive.run(store.engine, work, self.work / f"{label}.jsonl"), len(work)  # loop time, inside the flow
+                return *naive.run(store.engine, work, self.work / f"{label}.jsonl"), len(work)  # loop time, inside the flow
             finally:
                 store.dispose()
 
-        seconds, touched = self._with_retries(f"{backend} naive", once)
+        seconds, flow_run_id, touched = self._with_retries(f"{backend} naive", once)
+        self._settle_server(flow_run_id, touched)
         self.rows.append(Row(backend, n, "naive", seconds, touched))
 
     def measure(self, backend: str, n: int) -> None:
-        self._attempt(f"{backend} {n:,} floor", lambda: self._floor(backend, n))
-        self._attempt(f"{backend} {n:,} Dispatcher.run", lambda: self._run(backend, n))
-        self._attempt(f"{backend} {n:,} dispatch flow", lambda: self._flow(backend, n))
+        for _ in range(self.rounds):
+            self._attempt(f"{backend} {n:,} floor", lambda: self._floor(backend, n))
+            self._attempt(f"{backend} {n:,} Dispatcher.run", lambda: self._run(backend, n))
+            self._attempt(f"{backend} {n:,} dispatch flow", lambda: self._flow(backend, n))
         if backend == "sqlite":
             for label in (f"floor-{backend}-{n}", f"run-{backend}-{n}", f"flow-{backend}-{n}"):
                 for suffix in ("", "-wal", "-shm"):
@@ -247,7 +257,7 @@ class Throughput:
         work = touch_work(url, self._root(label, url))
         seconds, cpu = floor(url, work, self.batch)
         self.rows.append(Row(backend, n, "floor", seconds, len(work), cpu_seconds=cpu))
-        self.digests.setdefault((backend, n), {})["floor"] = touch_rows_digest(url)
+        self._digest(backend, n, "floor", url)
 
     def _run(self, backend: str, n: int) -> None:
         """Dispatcher.run, in a child process: its peak RSS is its own."""
@@ -257,24 +267,45 @@ class Throughput:
         self._check_summary(backend, n, "run", result["summary"])
         sent = sum(result["summary"]["sent"].values())
         self.rows.append(Row(backend, n, "Dispatcher.run", result["seconds"], sent, result["peak_rss"], result["cpu_seconds"]))
-        self.digests.setdefault((backend, n), {})["Dispatcher.run"] = touch_rows_digest(url)
+        self._digest(backend, n, "Dispatcher.run", url)
 
     def _flow(self, backend: str, n: int) -> None:
         from flows.dispatch import dispatch
 
         label = f"flow-{backend}-{n}"
 
-        def once() -> tuple[dict[str, Any], Any, str]:
+        def once() -> tuple[dict[str, Any], Any, str, str]:
             url = self._seeded(backend, n, label)
             root = self._root(label, url)
             with timed() as t:
-                summary = asyncio.run(dispatch(workspace=str(root), now=NOW))
-            return summary, t, url
+                state = asyncio.run(dispatch(workspace=str(root), now=NOW, return_state=True))
+            return state.result(), t, url, str(state.state_details.flow_run_id)
 
-        summary, t, url = self._with_retries(f"{backend} {n:,} dispatch flow", once)
+        summary, t, url, flow_run_id = self._with_retries(f"{backend} {n:,} dispatch flow", once)
+        # One prepare task per batch, one send task per batch and channel (every batch of this
+        # workload holds all three channels): the next measurement waits until they are recorded.
+        self._settle_server(flow_run_id, -(-summary["claimed"] // self.batch) * (1 + len(summary["sent"])))
         self._check_summary(backend, n, "flow", summary)
         self.rows.append(Row(backend, n, "dispatch flow", t.seconds, sum(summary["sent"].values()), cpu_seconds=t.cpu))
-        self.digests.setdefault((backend, n), {})["dispatch flow"] = touch_rows_digest(url)
+        self._digest(backend, n, "dispatch flow", url)
+
+    def _settle_server(self, flow_run_id: str, tasks: int) -> None:
+        if (recorded := wait_until_recorded(flow_run_id, tasks)) < tasks:
+            self.errors.append(f"Prefect's server had recorded {recorded} of the {tasks} task runs of flow run {flow_run_id} after 300 s")
+
+    def _digest(self, backend: str, n: int, mode: str, url: str) -> None:
+        self.digests.setdefault((backend, n), {}).setdefault(mode, set()).add(touch_rows_digest(url))
+
+    def medians(self) -> list[Row]:
+        """Per (backend, size, mode), the round with the median time (the upper one of an even count)."""
+        groups: dict[tuple[str, int, str], list[Row]] = {}
+        for r in self.rows:
+            groups.setdefault((r.backend, r.n, r.mode), []).append(r)
+        return [sorted(rows, key=lambda r: r.seconds)[len(rows) // 2] for rows in groups.values()]
+
+    def spread(self, row: Row) -> str:
+        times = sorted(r.seconds for r in self.rows if (r.backend, r.n, r.mode) == (row.backend, row.n, row.mode))
+        return " / ".join(f"{t:.2f}" for t in times)
 
     def _with_retries(self, what: str, once: Callable[[], T]) -> T:
         """`once` up to three times: Prefect's temporary server, still recording earlier runs'
@@ -310,25 +341,28 @@ class Throughput:
             " \"Finished in state Completed()\" lines).",
             "The floor and Dispatcher.run are timed until their store is closed, as the flow is: SQLite copies its WAL into"
             " the database file on that last close, a cost every design pays.",
-            "Every run's summary is checked: all enrollments claimed and every touch sent.",
+            f"Each size is measured in {self.rounds} interleaved rounds (floor, Dispatcher.run, flow, then again), the naive"
+            f" design in {self.rounds} rounds after all of them; the table shows each mode's median round, and **all rounds** its"
+            " times from fastest to slowest. Every run's summary is checked: all enrollments claimed and every touch sent.",
             "**CPU s** is the measuring process's CPU time (for the flow, not the Prefect server's): on a shared machine the"
             " wall-clock ratios move with other people's load, the CPU ratios much less.",
         ]
         for (backend, n), digests in sorted(self.digests.items()):
-            if len(set(digests.values())) > 1:
-                self.errors.append(f"{backend} {n:,}: the touch rows differ between {', '.join(sorted(digests))}")
-        same = [f"{b} {n:,}" for (b, n), d in sorted(self.digests.items()) if len(d) == 3 and len(set(d.values())) == 1]
+            if len(set().union(*digests.values())) > 1:
+                self.errors.append(f"{backend} {n:,}: the touch rows differ between rounds or modes ({', '.join(sorted(digests))})")
+        same = [f"{b} {n:,}" for (b, n), d in sorted(self.digests.items()) if len(d) == 3 and len(set().union(*d.values())) == 1]
         if same:
             s.notes.append(f"The floor, Dispatcher.run and the flow left the very same touch rows (a digest of every column but the id and lease, compared): {', '.join(same)}.")
         if self.errors:
             s.notes.append("**Errors and retries:** " + "; ".join(self.errors))
         s.headers = [
             "backend", "enrollments", "mode", "seconds", "touches", "touches/s", "x floor time", "x faster than naive",
-            "CPU s", "x floor CPU", "peak RSS MB",
+            "CPU s", "x floor CPU", "peak RSS MB", "all rounds, s",
         ]  # fmt: skip
-        floors = {(r.backend, r.n): r for r in self.rows if r.mode == "floor"}
-        naive = {r.backend: r for r in self.rows if r.mode == "naive"}
-        for r in self.rows:
+        medians = self.medians()
+        floors = {(r.backend, r.n): r for r in medians if r.mode == "floor"}
+        naive = {r.backend: r for r in medians if r.mode == "naive"}
+        for r in medians:
             f = floors.get((r.backend, r.n))
             nv = naive.get(r.backend)
             s.rows.append([
@@ -338,8 +372,9 @@ class Throughput:
                 f"{r.cpu_seconds:.2f}" if r.cpu_seconds is not None else "",
                 f"{r.cpu_seconds / f.cpu_seconds:.2f}" if f and f.cpu_seconds and r.cpu_seconds is not None and r.mode not in ("floor", "naive") else "",
                 f"{r.peak_rss / 2**20:.0f}" if r.peak_rss else "",
+                self.spread(r),
             ])  # fmt: skip
-        for r in self.rows:
+        for r in medians:
             if r.mode != "dispatch flow":
                 continue
             f, nv = floors.get((r.backend, r.n)), naive.get(r.backend)
