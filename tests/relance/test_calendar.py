@@ -91,6 +91,15 @@ def test_lunch_window(at, is_open, opening):
     assert cal.next_opening(at) == opening
 
 
+def test_one_calendar_answers_each_instant_it_is_asked_about():
+    """Dispatch asks one shared calendar about the same instant for a whole batch; the answer it
+    keeps for that instant must not leak into the next one asked."""
+    cal = BusinessCalendar(LUNCH, PARIS, "FR")
+    morning, lunch = paris(2027, 1, 13, 10, 0), paris(2027, 1, 13, 12, 30)
+    assert [cal.is_open(at) for at in (morning, morning, lunch, lunch, morning)] == [True, True, False, False, True]
+    assert cal.is_open(datetime(2027, 1, 13, 12, 30, tzinfo=PARIS)) is False  # an equal instant, another object
+
+
 def test_next_opening_of_an_open_instant_is_unchanged_and_utc():
     cal = BusinessCalendar(LUNCH, PARIS)
     at = paris(2027, 1, 13, 10, 17, 42)
