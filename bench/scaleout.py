@@ -52,9 +52,14 @@ def _verify(store: Store, root: Path, logs: list[Path], n: int) -> dict[str, Any
         if log.exists():
             handed.update(line for line in log.read_text().splitlines() if line)
     delivered: Counter[str] = Counter()  # what the sandbox provider really sent, per key
+    torn = 0  # lines a killed worker left unfinished (the sandbox writes a batch in one write(2): expect none)
     for outbox in (root / "outbox").glob("*.jsonl"):
         with outbox.open() as fh:
-            delivered.update(json.loads(line)["idempotency_key"] for line in fh if line.strip())
+            for line in fh:
+                try:
+                    delivered[json.loads(line)["idempotency_key"]] += 1
+                except ValueError:
+                    torn += 1
     with store.connect() as conn:
         statuses = dict(conn.execute(text("SELECT status, count(*) FROM touches GROUP BY status")).all())
         keys = conn.scalar(text("SELECT count(DISTINCT idempotency_key) FROM touches"))
@@ -70,6 +75,7 @@ def _verify(store: Store, root: Path, logs: list[Path], n: int) -> dict[str, Any
         "handed_twice": sum(1 for c in handed.values() if c > 1),
         "delivered": sum(delivered.values()),
         "delivered_twice": sum(1 for c in delivered.values() if c > 1),
+        "torn_lines": torn,
         "lost": n - statuses.get("sent", 0),
     }
 
@@ -162,7 +168,7 @@ def run(work: Path, n: int) -> Section:
     s.checks.append(Check(
         "worker killed -9 mid-run: the rest taken over after lease expiry, nothing lost, nothing sent twice",
         f"survivor {k['survivor_sent']:,}, take-over {k['takeover_sent']:,}, lost {k['lost']}; resent to the idempotent provider after"
-        f" the crash {k['handed_twice']}, sent twice by it {k['delivered_twice']}; statuses {k['statuses']}",
-        k["lost"] == 0 and k["delivered_twice"] == 0 and k["delivered"] == n and k["takeover_sent"] > 0,
+        f" the crash {k['handed_twice']}, sent twice by it {k['delivered_twice']}, torn outbox lines {k['torn_lines']}; statuses {k['statuses']}",
+        k["lost"] == 0 and k["delivered_twice"] == 0 and k["delivered"] == n and k["takeover_sent"] > 0 and k["torn_lines"] == 0,
     ))
     return s

@@ -499,10 +499,23 @@ class _Sandbox(BaseConnector, ABC):
         }) + "\n"
 
     def _append(self, path: Path, lines: Iterable[str]) -> None:
-        text = "".join(lines)
-        if text:
-            with open(path, "a", encoding="utf-8") as fh:  # one write under the database lock: no interleaving
-                fh.write(text)
+        """One write(2) in append mode, under the database lock: a worker killed with -9 leaves
+        a batch's lines whole or absent, never a torn line that the next batch would continue
+        (a buffered file object may split a large write in several). Should a file end mid-line
+        all the same (a full disk), the next batch starts on a line of its own."""
+        data = "".join(lines).encode("utf-8")
+        if not data:
+            return
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
 
     # Channel specifics.
     def _prepare(self, t: OutboundTouch, now: datetime) -> Any:

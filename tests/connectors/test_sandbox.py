@@ -179,6 +179,19 @@ def test_linkedin_and_calls_are_appended_as_json_lines(tmp_path):
     assert called["recipient"] == "+33610000003" and "Jérôme" in called["body"]
 
 
+def test_a_line_left_torn_by_a_crash_is_not_continued(tmp_path):
+    """A worker killed mid-write (or a full disk) may leave the last line unfinished: the next
+    batch starts on a line of its own, so only the torn line is unreadable."""
+    linkedin = make(SandboxLinkedIn, tmp_path)
+    linkedin.send_batch([linkedin_touch(0, "visit")], NOW)
+    path = tmp_path / "outbox" / "linkedin.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"at": "2027-01-1')
+    linkedin.send_batch([linkedin_touch(1, "invite"), linkedin_touch(2, "message")], NOW)
+    lines = path.read_text("utf-8").splitlines()
+    assert len(lines) == 4 and lines[1] == '{"at": "2027-01-1'
+    assert [json.loads(x)["action"] for x in (lines[0], *lines[2:])] == ["visit", "invite", "message"]
+
+
 def test_email_jsonl_mode_for_load_runs(tmp_path):
     sandbox = make(SandboxEmail, tmp_path, email_record="jsonl")
     sandbox.send_batch([email_touch(1), email_touch(2)], NOW)
