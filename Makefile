@@ -33,6 +33,7 @@ demo: $(STAMP)
 	  $(BIN)/relance report
 
 test: $(STAMP)
+	mkdir -p .pytest_cache/prefect
 	PREFECT_HOME="$$PWD/.pytest_cache/prefect" $(BIN)/python -m pytest
 	$(BIN)/lint-imports
 
