@@ -207,14 +207,14 @@ def seed(store: Store, total: int, due: int | None = None, *, now: datetime = NO
         settle(store)
 
 
-def settle(store: Store, *, vacuum: bool = True) -> None:
+def settle(store: Store) -> None:
     """PostgreSQL as a store at rest is, before a timed run: vacuumed and analyzed (autovacuum
     would within a minute; left to it, it runs during the measurement, and the first reader of
     each fresh row writes its page back to set hint bits), then checkpointed, so no earlier
     load's dirty pages are flushed on the measurement's time."""
     if store.is_postgres:
         with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM ANALYZE" if vacuum else "ANALYZE"))
+            conn.execute(text("VACUUM ANALYZE"))
             conn.execute(text("CHECKPOINT"))
 
 
