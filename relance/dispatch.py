@@ -56,7 +56,7 @@ TOUCH_DEFAULTS = dict.fromkeys(
     ("variant", "sender", "recipient", "subject", "content_hash", "message_id", "provider_message_id", "error", "lease_owner", "sent_at")
 )
 RETRYABLE_STATUSES = ("retry", "failed")
-# The hot path's writes (BulkWrite): one row per touch or enrollment.
+# The hot path's writes (BulkInsert, BulkWrite): one row per touch or enrollment.
 TOUCH_COLUMNS = (
     "enrollment_id", "prospect_id", "sequence", "step_id", "channel", "action", "idempotency_key", "status",
     "spec_version", "variant", "sender", "recipient", "subject", "content_hash", "message_id", "provider_message_id",
