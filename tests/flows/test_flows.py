@@ -9,12 +9,13 @@ import ssl
 from pathlib import Path
 
 import pytest
+from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
 from prefect.logging.handlers import APILogHandler
 from sqlalchemy import func, select
 
-from flows._common import api_client_context
+from flows._common import TASK_OPTIONS, _tls_context, api_client_context
 from flows.dispatch import QuietCompletions, dispatch
 from flows.enroll import enroll
 from flows.ingest import ingest
@@ -130,11 +131,41 @@ def test_only_routine_completions_of_dispatch_tasks_are_left_out_of_the_logs(tas
     assert QuietCompletions(["prepare-batch", "send-channel"]).filter(record) is kept
 
 
-def test_the_dispatch_api_client_reuses_one_tls_context_as_prefect_would_build_it():
-    from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, temporary_settings
+@task(**TASK_OPTIONS)
+def _noop() -> None:
+    pass
 
-    first, second = api_client_context(), api_client_context()
-    verify = first._httpx_settings["verify"]
-    assert verify is second._httpx_settings["verify"] and verify.verify_mode == ssl.CERT_REQUIRED and verify.check_hostname
-    with temporary_settings({PREFECT_API_TLS_INSECURE_SKIP_VERIFY: True}):
-        assert api_client_context()._httpx_settings["verify"].verify_mode == ssl.CERT_NONE
+
+@flow
+async def _tasks_in_a_client_context(inline: int, submitted: int) -> None:
+    def body() -> None:
+        with api_client_context():
+            futures = [_noop.submit() for _ in range(submitted)]
+            for _ in range(inline):
+                _noop()
+            for future in futures:
+                future.result()
+
+    await asyncio.to_thread(body)
+
+
+def test_every_task_of_a_dispatch_run_shares_its_one_api_client(monkeypatch):
+    # Inline or in the task runner's threads: a client per task loaded the CA bundle each time.
+    from prefect.client.orchestration import SyncPrefectClient
+
+    made = []
+    build = SyncPrefectClient.__init__
+    monkeypatch.setattr(SyncPrefectClient, "__init__", lambda self, *a, **k: made.append(1) or build(self, *a, **k))
+    asyncio.run(_tasks_in_a_client_context(1, 1))
+    few = len(made)
+    asyncio.run(_tasks_in_a_client_context(4, 6))
+    assert len(made) == 2 * few
+
+
+def test_the_dispatch_api_client_reuses_one_tls_context_as_prefect_would_build_it():
+    from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, PREFECT_API_SSL_CERT_FILE
+
+    settings = (PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value(), PREFECT_API_SSL_CERT_FILE.value())
+    verify = _tls_context(*settings)
+    assert verify is _tls_context(*settings) and verify.verify_mode == ssl.CERT_REQUIRED and verify.check_hostname
+    assert _tls_context(True, None).verify_mode == ssl.CERT_NONE
