@@ -99,3 +99,24 @@ def test_sqlite_checkpoints_in_large_steps(tmp_path):
         assert conn.execute(text("PRAGMA wal_autocheckpoint")).scalar() == 10_000
         assert conn.execute(text("PRAGMA journal_size_limit")).scalar() == 64 * 2**20
     s.dispose()
+
+
+def test_among_matches_ids_and_keys_whatever_they_hold(store):
+    """`among` binds a batch's values as one array (binary on PostgreSQL): keys with quotes,
+    commas, braces and backslashes, non-ASCII, and an empty batch all match exactly."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+
+    from relance.store import among, prospects, suppressions
+
+    now = datetime(2027, 3, 16, 9, 30, tzinfo=UTC)
+    values = ['a"b', "c,d", "{e}", "f\\g", "h i", "été", "NULL", ""]
+    with store.begin() as conn:
+        conn.execute(prospects.insert(), [{"id": i, "email": f"p{i}@example.com", "created_at": now, "updated_at": now} for i in (1, 2, 3)])
+        conn.execute(suppressions.insert(), [{"kind": "email", "value": v, "reason": "test", "created_at": now} for v in values + ["other"]])
+    with store.connect() as conn:
+        assert sorted(conn.scalars(select(prospects.c.id).where(among(conn, prospects.c.id, [3, 1, 99])))) == [1, 3]
+        assert conn.scalars(select(prospects.c.id).where(among(conn, prospects.c.id, []))).all() == []
+        assert sorted(conn.scalars(select(suppressions.c.value).where(among(conn, suppressions.c.value, values)))) == sorted(values)
+        assert conn.scalars(select(suppressions.c.value).where(among(conn, suppressions.c.value, []))).all() == []
