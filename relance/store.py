@@ -279,6 +279,22 @@ def use_wal(dbapi_conn: Any, timeout: float = 30.0) -> None:
             time.sleep(0.01)
 
 
+class _BinaryList(list):  # type: ignore[type-arg]
+    """A list psycopg sends as a binary array: `make_engine` registers its dumper."""
+
+
+class _BinaryArray(TypeDecorator):
+    """An array parameter of ids or keys, bound in binary: psycopg formats a text array in
+    Python, element by element, several times slower. Only for item types SQLAlchemy binds
+    as they are (integers, strings)."""
+
+    impl = ARRAY
+    cache_ok = True
+
+    def bind_processor(self, dialect: Any) -> Any:
+        return lambda value: None if value is None else _BinaryList(value)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
@@ -342,22 +358,6 @@ class Store:
         self.engine.dispose()
 
 
-class _BinaryList(list):  # type: ignore[type-arg]
-    """A list psycopg sends as a binary array: `make_engine` registers the dumper."""
-
-
-class _BinaryArray(TypeDecorator):
-    """An array parameter of ids or keys, bound in binary: psycopg formats a text array in
-    Python, element by element, three times slower. Only for item types SQLAlchemy binds
-    as they are (integers, strings)."""
-
-    impl = ARRAY
-    cache_ok = True
-
-    def bind_processor(self, dialect: Any) -> Any:
-        return lambda value: None if value is None else _BinaryList(value)
-
-
 def among(conn: Connection, column: Any, values: Sequence[Any]) -> Any:
     """`column IN values` for a batch's long id lists, with the values bound as one parameter
     (a JSON array on SQLite, an array on PostgreSQL): SQLAlchemy expands an IN list into a
@@ -376,7 +376,7 @@ class BulkWrite:
 
     `sqlite` has `?` placeholders for one row; `postgres` has one `%b` per column, in the
     same order: binary parameters, as psycopg formats an array as text in Python, element by
-    element, four times slower. Values must already be in the driver's types: datetimes
+    element, several times slower. Values must already be in the driver's types: datetimes
     through `datetime_param`."""
 
     sqlite: str
