@@ -15,7 +15,7 @@ from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFl
 from prefect.logging.handlers import APILogHandler
 from sqlalchemy import func, select
 
-from flows._common import TASK_OPTIONS, _tls_context, api_client_context
+from flows._common import TASK_OPTIONS, api_client_context
 from flows.dispatch import QuietCompletions, dispatch
 from flows.enroll import enroll
 from flows.ingest import ingest
@@ -162,10 +162,20 @@ def test_every_task_of_a_dispatch_run_shares_its_one_api_client(monkeypatch):
     assert len(made) == 2 * few
 
 
-def test_the_dispatch_api_client_reuses_one_tls_context_as_prefect_would_build_it():
-    from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, PREFECT_API_SSL_CERT_FILE
+def test_the_dispatch_api_client_reuses_one_tls_context_as_prefect_would_build_it(monkeypatch):
+    import flows._common
+    from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, temporary_settings
 
-    settings = (PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value(), PREFECT_API_SSL_CERT_FILE.value())
-    verify = _tls_context(*settings)
-    assert verify is _tls_context(*settings) and verify.verify_mode == ssl.CERT_REQUIRED and verify.check_hostname
-    assert _tls_context(True, None).verify_mode == ssl.CERT_NONE
+    made = []
+
+    class Recorder:
+        def __init__(self, httpx_settings):
+            made.append(httpx_settings["verify"])
+
+    monkeypatch.setattr(flows._common, "SyncClientContext", Recorder)
+    api_client_context(), api_client_context()
+    first, second = made
+    assert first is second and first.verify_mode == ssl.CERT_REQUIRED and first.check_hostname
+    with temporary_settings({PREFECT_API_TLS_INSECURE_SKIP_VERIFY: True}):
+        api_client_context()
+    assert made[2].verify_mode == ssl.CERT_NONE
