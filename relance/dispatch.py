@@ -69,7 +69,7 @@ UPDATE_TOUCHES = BulkWrite(  # (status, attempts, error, provider_message_id, se
     postgres=(
         "UPDATE touches SET status = v.status, attempts = v.attempts, error = v.error, provider_message_id = v.pmid,"
         " sent_at = v.sent_at, lease_owner = NULL"
-        " FROM unnest(%b::text[], %b::int[], %b::text[], %b::text[], %b::timestamp[], %b::bigint[]) AS v(status, attempts, error, pmid, sent_at, id)"
+        " FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[], %s::timestamp[], %s::bigint[]) AS v(status, attempts, error, pmid, sent_at, id)"
         " WHERE touches.id = v.id"
     ),
 )
@@ -83,7 +83,7 @@ ADVANCE_ENROLLMENTS = BulkWrite(  # (next step, due, now, id)
     postgres=(
         "UPDATE enrollments SET next_step_id = v.step, next_due_at = CASE WHEN enrollments.next_due_at > v.due"
         " THEN enrollments.next_due_at ELSE v.due END, attempts = 0, lease_owner = NULL, lease_expires_at = NULL, updated_at = v.now"
-        " FROM unnest(%b::text[], %b::timestamp[], %b::timestamp[], %b::bigint[]) AS v(step, due, now, id)"
+        " FROM unnest(%s::text[], %s::timestamp[], %s::timestamp[], %s::bigint[]) AS v(step, due, now, id)"
         " WHERE enrollments.id = v.id AND enrollments.state = 'active'"
     ),
 )

@@ -50,7 +50,7 @@ def test_bulk_writes_store_datetimes_as_sqlalchemy_does(store):
         at = datetime_param(conn.dialect)
         BulkWrite(
             sqlite="UPDATE enrollments SET next_due_at = ? WHERE id = ?",
-            postgres="UPDATE enrollments SET next_due_at = v.due FROM unnest(%b::timestamp[], %b::bigint[]) AS v(due, id) WHERE enrollments.id = v.id",
+            postgres="UPDATE enrollments SET next_due_at = v.due FROM unnest(%s::timestamp[], %s::bigint[]) AS v(due, id) WHERE enrollments.id = v.id",
         ).run(conn, [(at(on_the_second), 1)])
         conn.execute(update(enrollments).where(enrollments.c.id == 2).values(next_due_at=on_the_second))
     with store.connect() as conn:
