@@ -278,29 +278,31 @@ class Dispatcher:
         pause: list[dict[str, Any]] = []
         failures: list[tuple[OutboundTouch, str]] = []
         max_attempts = self.ws.config.dispatch.max_attempts
+        name = channel.value
         for touch in outbound:
             meta = touch.metadata
             result = results[touch.touch_id]
             attempts = meta["attempts"] + 1
             if result.error is None:
-                summary.sent[channel.value] += 1
                 touch_updates.append(("sent", attempts, None, result.provider_message_id, now, touch.touch_id))
-                performed[PERFORMED[(channel.value, touch.action)]].append(touch.touch_id)
+                performed[PERFORMED[(name, touch.action)]].append(touch.touch_id)
                 advance.append((meta["enrollment_id"], meta["next_step_id"], meta["next_due_at"]))
             elif isinstance(result.error, TransientError) and attempts < max_attempts:
-                summary.retried[channel.value] += 1
+                summary.retried[name] += 1
                 touch_updates.append(("retry", attempts, str(result.error), None, None, touch.touch_id))
                 delay = max(result.error.retry_after or 0.0, 60.0 * 2 ** (attempts - 1))
                 retry.append({"e_id": meta["enrollment_id"], "due": now + timedelta(seconds=min(delay, 6 * 3600)), "now": now})
             elif isinstance(result.error, OutcomeUnknown):
-                summary.failed[channel.value] += 1
+                summary.failed[name] += 1
                 touch_updates.append(("unknown", attempts, str(result.error), None, None, touch.touch_id))
                 pause.append({"e_id": meta["enrollment_id"], "reason": f"send outcome unknown: {result.error}", "now": now})
             else:
-                summary.failed[channel.value] += 1
+                summary.failed[name] += 1
                 reason = f"{type(result.error).__name__}: {result.error}"
                 touch_updates.append(("failed", attempts, reason, None, None, touch.touch_id))
                 failures.append((touch, reason))
+        if advance:
+            summary.sent[name] += len(advance)
         with self.store.begin() as conn:
             at = datetime_param(conn.dialect)
             UPDATE_TOUCHES.run(conn, [(*u[:4], at(u[4]), u[5]) for u in touch_updates])
@@ -462,6 +464,8 @@ class _Preparer:
         self.events: list[dict[str, Any]] = []
         self._manual: dict[Channel, bool] = {}
         self._senders: dict[tuple[bool, str | None, str | None], Sender | None] = {}
+        self._sender_vars: dict[Sender, dict[str, str]] = {}
+        self.unsubscribe_base = f"{self.ws.config.web.base_url.rstrip('/')}/u/"
 
     def run(self, ids: list[int]) -> None:
         conn = self.conn
@@ -504,7 +508,9 @@ class _Preparer:
             return self.pause(row.id, f"sequence {row.sequence!r} is no longer in the workspace")
         prospect = self.prospect_of[row.id]
         history = self.history.get(row.id, ())
-        step = step_after(seq, [t.step_id for t in history if t.status in DONE_STATUSES], row.next_step_id)
+        step = seq.step(row.next_step_id) if row.next_step_id is not None else None
+        if step is None:  # no stored step, or the file no longer has it
+            step = step_after(seq, [t.step_id for t in history if t.status in DONE_STATUSES], row.next_step_id)
         if step is None:
             return self.finish(row.id, "completed")
         if history:
@@ -564,25 +570,21 @@ class _Preparer:
         variant = pick_variant(step.email.variants, seq.name, step.id, prospect["id"]) if step.email else None
         template, subject_override = step_templates(step, variant)
         thread = _thread(step, history)
-        unsubscribe_url = f"{self.ws.config.web.base_url.rstrip('/')}/u/{self.d.tokens.make(prospect['id'], row.id)}"
-        sender_vars = {"name": sender.name, "email": sender.address, "signature": sender.signature}
-        context = touch_context(self.ws.config, seq, step, prospect, sender_vars, unsubscribe_url)
+        unsubscribe_url = f"{self.unsubscribe_base}{self.d.tokens.make(prospect['id'], row.id)}"
+        context = touch_context(self.ws.config, seq, step, prospect, self.sender_vars(sender), unsubscribe_url)
         nxt = following(seq, step.id)
-        base = {
-            "enrollment_id": row.id,
-            "prospect_id": prospect["id"],
-            "sequence": seq.name,
-            "step_id": step.id,
-            "channel": step.channel.value,
-            "action": step.action,
-            "idempotency_key": key,
-            "spec_version": seq.version,
-            "variant": variant.id if variant else None,
-            "sender": sender.address,
-            "recipient": recipient,
-            "attempts": retry_touch.attempts if retry_touch else 0,
-            "created_at": self.now,
-        }
+        # The touch row, complete, in one dict that is also the outbound touch's metadata:
+        # a batch builds thousands of them.
+        values = {
+            "enrollment_id": row.id, "prospect_id": prospect["id"], "sequence": seq.name, "step_id": step.id,
+            "channel": step.channel.value, "action": step.action, "idempotency_key": key,
+            "status": "task" if manual else "sending", "spec_version": seq.version, "variant": variant.id if variant else None,
+            "sender": sender.address, "recipient": recipient, "subject": None, "content_hash": None, "message_id": None,
+            "provider_message_id": None, "attempts": retry_touch.attempts if retry_touch else 0, "error": None,
+            "lease_owner": None if manual else self.d.owner, "created_at": self.now, "sent_at": None,
+        }  # fmt: skip
+        if retry_touch is not None:
+            values["id"] = retry_touch.id
         try:
             rendered = self.ws.renderer.render(template, context, subject_override) if template else None
             subject = rendered.subject if rendered else None
@@ -595,25 +597,17 @@ class _Preparer:
         except RenderError as exc:
             self.summary.failed[step.channel.value] += 1
             self.summary.errors.append(f"enrollment {row.id} step {step.id}: {exc}")
-            values = dict(base, status="failed", error=str(exc), subject=None, content_hash=None, message_id=None, lease_owner=None)
-            if retry_touch is not None:
-                values["id"] = retry_touch.id
+            values.update(status="failed", error=str(exc), lease_owner=None)
             self.new_touches.append((values, None, None))
             self.events.append(_raw_event(values, EventKind.failed, self.now, detail="render", dedupe=f"touch:{key}:render:{self.now.isoformat()}"))
             return self.pause(row.id, f"step {step.id!r}: {exc}")
-        message_id = make_message_id(sender.address, key) if step.email else None
-        next_due = due_at(seq, nxt, prospect, self.ws.config, self.now) if nxt else None
-        values = dict(
-            base,
-            status="task" if manual else "sending",
-            subject=subject,
-            content_hash=rendered.content_hash if rendered else None,
-            message_id=message_id,
-            lease_owner=None if manual else self.d.owner,
-            error=None,
-        )
-        if retry_touch is not None:
-            values["id"] = retry_touch.id
+        message_id = values["message_id"] = make_message_id(sender.address, key) if step.email else None
+        values["subject"] = subject
+        if rendered:
+            values["content_hash"] = rendered.content_hash
+        values["next_step_id"] = nxt.id if nxt else None
+        values["next_due_at"] = due_at(seq, nxt, prospect, self.ws.config, self.now) if nxt else None
+        values["date"] = self.now
         outbound = OutboundTouch(
             touch_id=retry_touch.id if retry_touch else 0,
             idempotency_key=key,
@@ -629,7 +623,7 @@ class _Preparer:
             references=(thread.message_id,) if thread is not None and thread.message_id else (),
             unsubscribe_url=unsubscribe_url if step.email else None,
             unsubscribe_mailto=f"mailto:{sender.address}?subject=unsubscribe" if step.email else None,
-            metadata={**base, "next_step_id": nxt.id if nxt else None, "next_due_at": next_due, "date": self.now},
+            metadata=values,
         )
         task = None
         if manual:
@@ -651,6 +645,13 @@ class _Preparer:
             self.move(row.id, nxt, prospect, seq)
         self.new_touches.append((values, None if manual else outbound, task))
 
+    def sender_vars(self, sender: Sender) -> dict[str, str]:
+        """What templates see of a sender: one dict per sender for the whole batch."""
+        found = self._sender_vars.get(sender)
+        if found is None:
+            found = self._sender_vars[sender] = {"name": sender.name, "email": sender.address, "signature": sender.signature}
+        return found
+
     # Outcomes -----------------------------------------------------------------
     def move(self, enrollment_id: int, nxt: Step | None, prospect: Mapping[str, Any], seq: Sequence) -> None:
         if nxt is None:
@@ -665,6 +666,7 @@ class _Preparer:
     def skip(self, row: Any, seq: Sequence, step: Step, prospect: Mapping[str, Any], reason: str) -> None:
         self.summary.skipped += 1
         values = {
+            **TOUCH_DEFAULTS,
             "enrollment_id": row.id, "prospect_id": prospect["id"], "sequence": seq.name, "step_id": step.id,
             "channel": step.channel.value, "action": step.action, "idempotency_key": f"{row.id}:{step.id}",
             "status": "skipped", "spec_version": seq.version, "error": reason, "attempts": 0, "created_at": self.now,
@@ -691,10 +693,9 @@ class _Preparer:
         fresh = sorted(((v, o, t) for v, o, t in self.new_touches if "id" not in v), key=lambda f: f[0]["channel"])
         again = [v for v, _, _ in self.new_touches if "id" in v]
         if fresh:
-            at = datetime_param(conn.dialect)
-            rows = [{**TOUCH_DEFAULTS, **v} for v, _, _ in fresh]
-            INSERT_TOUCHES.run(conn, [(*_touch_fields(r), at(r["created_at"]), at(r["sent_at"])) for r in rows])
-            keys = [r["idempotency_key"] for r in rows]
+            at = datetime_param(conn.dialect)  # every row holds every column: touch() and skip() see to it
+            INSERT_TOUCHES.run(conn, [(*_touch_fields(v), at(v["created_at"]), at(v["sent_at"])) for v, _, _ in fresh])
+            keys = [v["idempotency_key"] for v, _, _ in fresh]
             ids = dict(conn.execute(select(touches.c.idempotency_key, touches.c.id).where(among(conn, touches.c.idempotency_key, keys))).all())
             for values, outbound, task in fresh:
                 touch_id = values["id"] = ids[values["idempotency_key"]]
@@ -808,11 +809,14 @@ class _Capacity:
     def take(self, sender: str, step: Step, recipient: str) -> bool:
         counters, capped = self.budget(sender, step)
         counts = self.counts
-        if any(counts[counter] >= limit for counter, limit in capped):
-            return False
-        domain_key = (sender, recipient.rpartition("@")[2].lower()) if step.channel == Channel.email else None
-        if domain_key is not None and self.domain_cap is not None and self.by_domain[domain_key] >= self.domain_cap:
-            return False
+        for counter, limit in capped:
+            if counts[counter] >= limit:
+                return False
+        domain_key = None
+        if self.domain_cap is not None and step.channel == Channel.email:
+            domain_key = (sender, recipient.rpartition("@")[2].lower())
+            if self.by_domain[domain_key] >= self.domain_cap:
+                return False
         for counter in counters:
             counts[counter] += 1
         if domain_key is not None:

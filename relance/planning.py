@@ -20,7 +20,7 @@ from relance.spec import Schedule, Sequence, Step, Variant, Window
 
 def stable_fraction(*parts: object) -> float:
     """A number in [0, 1) that depends only on `parts`: the same across runs and machines."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -131,11 +131,12 @@ def touch_context(
 ) -> dict[str, Any]:
     """The variables a template sees; validate, preview and dispatch all render with this.
 
-    The parts that are the same for every prospect are built once and shared: templates run
-    in an immutable sandbox, so none can change them for the next one."""
+    The parts that are the same for every prospect are built once and shared, and a plain
+    dict of the prospect is used as it is: templates run in an immutable sandbox, so none can
+    change them for the next one."""
     return {
-        "prospect": dict(prospect),
-        "sender": {"name": sender.get("name", ""), "email": sender.get("email", ""), "signature": sender.get("signature", "")},
+        "prospect": prospect if type(prospect) is dict else dict(prospect),
+        "sender": _shared(sender, lambda s: {"name": s.get("name", ""), "email": s.get("email", ""), "signature": s.get("signature", "")}),
         "company": _shared(config.company, lambda c: c.model_dump()),
         "unsubscribe_url": unsubscribe_url,
         "sequence": _shared(seq, lambda q: {"name": q.name, "description": q.description, "owner": q.owner, "language": q.language, "kind": q.kind}),

@@ -36,13 +36,15 @@ class UnsubscribeTokens:
     def __init__(self, secret: str):
         self._signer = Signer(secret, salt=_SALT)
         # itsdangerous derives the HMAC key from the secret on every call, and hands hmac a
-        # hash constructor (its pure-Python path): derive once, sign with OpenSSL's one-shot
-        # HMAC by digest name. Same signature as the Signer's.
-        self._key = self._signer.derive_key()
-        self._digest = self._signer.digest_method().name
+        # hash constructor (its pure-Python path): derive once, key an OpenSSL HMAC once, and
+        # sign each value on a copy of it (half the cost of a one-shot HMAC, which keys anew).
+        # Same signature as the Signer's.
+        self._keyed = hmac.new(self._signer.derive_key(), digestmod=self._signer.digest_method().name)
 
     def _signature(self, value: bytes) -> str:
-        return hmac.digest(self._key, value, self._digest).hex()[:SIGNATURE_HEX]
+        mac = self._keyed.copy()
+        mac.update(value)
+        return mac.hexdigest()[:SIGNATURE_HEX]
 
     def make(self, prospect_id: int, enrollment_id: int | None = None) -> str:
         value = f"{prospect_id}.{'' if enrollment_id is None else enrollment_id}"
