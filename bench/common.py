@@ -280,3 +280,25 @@ def wait_until_recorded(flow_run_id: str, expected: int, timeout: float = 300.0)
         while (recorded := client.request("POST", "/task_runs/count", json=query).json()) < expected and time.monotonic() < deadline:
             time.sleep(0.5)
     return recorded
+
+
+def wait_until_idle(quiet: float = 0.05, window: float = 0.25, timeout: float = 60.0) -> bool:
+    """Wait until Prefect's temporary server (a child process of the bench) uses less than
+    `quiet` of a core over `window` seconds: after its task runs are recorded it still writes
+    their events and logs for a while, and a flow started meanwhile shares the CPU with it and
+    meets its SQLite database locked (a 503, then two seconds of client back-off). False if it
+    did not settle within `timeout`."""
+    import psutil
+
+    servers = [p for p in psutil.Process().children(recursive=True) if "uvicorn" in " ".join(p.cmdline())]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            before = sum(sum(p.cpu_times()[:2]) for p in servers)
+            time.sleep(window)
+            used = sum(sum(p.cpu_times()[:2]) for p in servers) - before
+        except psutil.NoSuchProcess:
+            return True
+        if used < quiet * window:
+            return True
+    return False
