@@ -115,7 +115,8 @@ enrollments = Table(
     "enrollments",
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
-    Column("prospect_id", ForeignKey("prospects.id", ondelete="CASCADE"), nullable=False, index=True),
+    # Looked up through the unique (prospect_id, sequence) below: no index of its own.
+    Column("prospect_id", ForeignKey("prospects.id", ondelete="CASCADE"), nullable=False),
     Column("sequence", String(100), nullable=False),
     Column("exclusive", Integer, nullable=False, default=1),
     # active: has a next step; paused: waits for a person; completed/exited: done for good
@@ -179,7 +180,7 @@ events = Table(
     Column("detail", String(200)),  # e.g. hard/soft for a bounce
     Column("prospect_id", BigInteger().with_variant(Integer(), "sqlite"), index=True),
     Column("enrollment_id", BigInteger().with_variant(Integer(), "sqlite"), index=True),
-    Column("touch_id", BigInteger().with_variant(Integer(), "sqlite"), index=True),
+    Column("touch_id", BigInteger().with_variant(Integer(), "sqlite")),
     # Denormalised so reports group without joins.
     Column("sequence", String(100)),
     Column("step_id", String(100)),
@@ -187,7 +188,6 @@ events = Table(
     Column("sender", String(320)),
     Column("payload", JSON, nullable=False, default=dict),
     Column("dedupe_key", String(300), nullable=False, unique=True),
-    Index("ix_events_sequence_kind", "sequence", "kind"),
     Index("ix_events_occurred", "occurred_at"),
     # Covering, in the order of the report's GROUP BY: one index-only scan, no sort, serves every report.
     Index(
