@@ -508,9 +508,7 @@ class _Preparer:
             return self.pause(row.id, f"sequence {row.sequence!r} is no longer in the workspace")
         prospect = self.prospect_of[row.id]
         history = self.history.get(row.id, ())
-        step = seq.step(row.next_step_id) if row.next_step_id is not None else None
-        if step is None:  # no stored step, or the file no longer has it
-            step = step_after(seq, [t.step_id for t in history if t.status in DONE_STATUSES], row.next_step_id)
+        step = step_after(seq, [t.step_id for t in history if t.status in DONE_STATUSES], row.next_step_id)
         if step is None:
             return self.finish(row.id, "completed")
         if history:
