@@ -224,6 +224,7 @@ class BrevoEmail(BaseConnector):
     channel: ClassVar[Channel] = Channel.email
     settings_model: ClassVar[type[BaseModel]] = BrevoSettings
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.webhooks})
+    max_batch: ClassVar[int | None] = 100  # one request per touch: a call ends well inside a lease
     # For the contract table (tests/connectors/test_contract.py): it starts a local Brevo
     # (tests/connectors/brevo_server.py) on a free port, puts it in base_url, and sets both variables.
     example_settings: ClassVar[dict[str, Any]] = {

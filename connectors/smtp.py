@@ -219,6 +219,7 @@ class SmtpEmail(BaseConnector):
     channel: ClassVar[Channel] = Channel.email
     settings_model: ClassVar[type[BaseModel]] = SmtpSettings
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.polling})
+    max_batch: ClassVar[int | None] = 100  # one message at a time: a call ends well inside a lease
     settings: SmtpSettings
 
     def __init__(self, settings: BaseModel, *, workspace: Any = None):

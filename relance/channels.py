@@ -110,6 +110,10 @@ class BaseConnector:
     channel: ClassVar[Channel]
     settings_model: ClassVar[type[BaseModel]] = BaseModel
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
+    # The most touches one send_batch call gets (None: a batch's whole share of the channel).
+    # A provider that takes one message at a time sets it, so that each call ends well inside
+    # a lease and its outcomes are recorded before the next one.
+    max_batch: ClassVar[int | None] = None
 
     def __init__(self, settings: BaseModel, *, workspace: Any = None):
         self.settings = settings

@@ -88,10 +88,11 @@ class Web(_Model):
 
 
 class Dispatch(_Model):
-    # Each batch costs a few fixed things (one Prefect task per channel, commits, statement
-    # set-up): 2000 spreads them thin. A batch's share for one channel is one connector call
-    # inside one lease, so a slow SMTP relay may want less.
-    batch_size: int = Field(default=2000, ge=1, le=10_000)
+    # Each batch costs a few fixed things (one Prefect task per channel, each recorded by
+    # Prefect's server, commits, statement set-up): 5000 spreads them thin. Connectors that
+    # send one message at a time take a batch's share in calls of their own max_batch, each
+    # started with the batch's leases renewed.
+    batch_size: int = Field(default=5000, ge=1, le=10_000)
     lease_seconds: int = Field(default=300, ge=10)
     max_attempts: int = Field(default=5, ge=1)
 

@@ -221,21 +221,25 @@ class Dispatcher:
         return now + timedelta(seconds=time.monotonic() - self._clock[1]) + self.lease
 
     def renew(self, outbound: Seq[OutboundTouch], now: datetime) -> None:
-        """Extend this worker's leases before a provider call, so a long batch is not taken for
-        a dead worker's and reconciled while it is still sending. Leases handed out less than
-        a third of their length ago are left as they are."""
-        if not outbound or time.monotonic() - min(t.metadata.get("leased_at", 0.0) for t in outbound) < self.lease.total_seconds() / 3:
+        """Extend the leases of this worker's whole batch before a provider call, so that no
+        part of it is taken for a dead worker's and reconciled while the batch is still being
+        sent: its other channels, sent after this one, included. Leases handed out or renewed
+        less than a third of their length ago are left as they are."""
+        if not outbound:
             return
-        enrollment_ids = [t.metadata["enrollment_id"] for t in outbound]
+        lease = outbound[0].metadata.get("lease")  # shared by every touch of the batch (prepare)
+        if lease is None:  # touches that did not come from prepare: renew their own enrollments
+            lease = {"ids": [t.metadata["enrollment_id"] for t in outbound], "at": 0.0}
+        if time.monotonic() - lease["at"] < self.lease.total_seconds() / 3:
+            return
         renewed = time.monotonic()
         with self.store.begin() as conn:
             conn.execute(
                 update(enrollments)
-                .where(among(conn, enrollments.c.id, enrollment_ids), enrollments.c.lease_owner == self.owner)
+                .where(among(conn, enrollments.c.id, lease["ids"]), enrollments.c.lease_owner == self.owner)
                 .values(lease_expires_at=self._lease_until(now))
             )
-        for touch in outbound:
-            touch.metadata["leased_at"] = renewed
+        lease["at"] = renewed
 
     # -------------------------------------------------------------- prepare
     def prepare(self, enrollment_ids: Seq[int], now: datetime) -> Batch:
@@ -244,18 +248,31 @@ class Dispatcher:
         if not enrollment_ids:
             return batch
         ids = sorted(enrollment_ids)
-        leased_at = self._claimed.pop(ids[0], 0.0)  # when these leases were handed out (0: unknown, renew)
+        # The batch's leases, and when they were handed out (0: unknown, renew): one record
+        # for all its touches, whichever channel renews them.
+        lease = {"ids": ids, "at": self._claimed.pop(ids[0], 0.0)}
         with self.store.begin() as conn:
             _Preparer(self, conn, now, batch).run(ids)
         for outbound in batch.outbound.values():
             for touch in outbound:
-                touch.metadata["leased_at"] = leased_at
+                touch.metadata["lease"] = lease
         return batch
 
     # -------------------------------------------------------------- deliver
     def deliver(self, channel: Channel, outbound: list[OutboundTouch], now: datetime) -> DispatchSummary:
-        """Send one channel's touches with one connector call, then record every outcome."""
+        """Send one channel's touches, then record every outcome: in one connector call, or in
+        calls of at most the connector's `max_batch` touches for a provider that sends one
+        message at a time. Each call starts with the batch's leases renewed if they are aging,
+        and its outcomes are recorded before the next call: a crash leaves at most one call's
+        touches to reconcile."""
         connector = self.ws.connector(channel)
+        size = getattr(type(connector), "max_batch", None) or len(outbound) or 1
+        summary = DispatchSummary()
+        for start in range(0, len(outbound), size):
+            summary.merge(self._deliver(connector, channel, outbound[start : start + size], now))
+        return summary
+
+    def _deliver(self, connector: Any, channel: Channel, outbound: list[OutboundTouch], now: datetime) -> DispatchSummary:
         self.renew(outbound, now)
         try:
             results = connector.send_batch(outbound, now)

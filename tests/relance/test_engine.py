@@ -507,6 +507,61 @@ def test_leases_run_from_when_they_are_handed_out_and_are_renewed_before_a_send(
         ws.close()
 
 
+def test_a_batch_renews_the_leases_of_its_other_channels_too(backend: str, tmp_path: Path, monkeypatch):
+    """Channels send one after the other: while the first one's provider is slow, the leases
+    of the touches still waiting on another channel must not lapse."""
+    import relance.dispatch as dispatch_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(dispatch_module.time, "monotonic", lambda: clock[0])
+    ws = Workspace.load(write_workspace(tmp_path / "ws", database_url(backend, tmp_path)))
+    try:
+        now = at("2027-03-16T09:00:00")
+        a, b = add_prospects(ws, person(1), person(2))
+        enroll(ws, ws.sequence("outbound"), [a, b], MONDAY)
+        with ws.store.begin() as conn:  # b is one step further: the batch holds two channels
+            conn.execute(update(enrollments).where(enrollments.c.prospect_id == b).values(next_step_id="invite", next_due_at=now))
+        d = Dispatcher(ws)
+        lease = timedelta(seconds=ws.config.dispatch.lease_seconds)
+        batch = d.prepare(d.claim(now), now)
+        assert set(batch.outbound) == {Channel.email, Channel.linkedin}
+        clock[0] += 200  # the batch's leases are 200 s old when the email goes out
+        d.deliver(Channel.email, batch.outbound[Channel.email], now)
+        assert enrollment(ws, b).lease_expires_at == now + timedelta(seconds=200) + lease
+        clock[0] += 50  # renewed 50 s ago: the LinkedIn call goes without renewing again
+        d.deliver(Channel.linkedin, batch.outbound[Channel.linkedin], now)
+        assert [r.status for r in touch_rows(ws)] == ["sent", "sent"]
+    finally:
+        ws.close()
+
+
+def test_a_connector_with_a_max_batch_gets_calls_of_that_size_each_recorded_before_the_next(backend: str, tmp_path: Path, monkeypatch):
+    """A provider that sends one message at a time takes a batch in slices: every slice's
+    outcomes are in the store before the next slice is handed over."""
+    ws = Workspace.load(write_workspace(tmp_path / "ws", database_url(backend, tmp_path)))
+    try:
+        now = at("2027-03-16T09:00:00")
+        ids = add_prospects(ws, *(person(i) for i in range(5)))
+        enroll(ws, ws.sequence("outbound"), ids, MONDAY)
+        d = Dispatcher(ws)
+        batch = d.prepare(d.claim(now), now)
+        connector = ws.connector(Channel.email)
+        monkeypatch.setattr(type(connector), "max_batch", 2)
+        send, calls = connector.send_batch, []
+
+        def watching(touches, when):
+            calls.append((len(touches), sum(r.status == "sent" for r in touch_rows(ws))))
+            return send(touches, when)
+
+        monkeypatch.setattr(connector, "send_batch", watching)
+        summary = d.deliver(Channel.email, batch.outbound[Channel.email], now)
+        assert calls == [(2, 0), (2, 2), (1, 4)]  # (slice size, touches already recorded sent)
+        assert summary.sent == {"email": 5}
+        assert all(r.status == "sent" for r in touch_rows(ws))
+    finally:
+        ws.close()
+
+
 def test_a_run_raises_the_collector_threshold_and_restores_it():
     import gc
 
