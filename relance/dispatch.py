@@ -234,11 +234,15 @@ class Dispatcher:
             return
         renewed = time.monotonic()
         with self.store.begin() as conn:
-            conn.execute(
-                update(enrollments)
+            # On PostgreSQL the batch's channels send side by side: a row another channel's
+            # record holds is being advanced (its lease released) and is skipped, never waited
+            # for, which could deadlock with that record wanting a row this renewal took first.
+            ours = (
+                select(enrollments.c.id)
                 .where(among(conn, enrollments.c.id, lease["ids"]), enrollments.c.lease_owner == self.owner)
-                .values(lease_expires_at=self._lease_until(now))
+                .with_for_update(skip_locked=True)
             )
+            conn.execute(update(enrollments).where(enrollments.c.id.in_(ours.scalar_subquery())).values(lease_expires_at=self._lease_until(now)))
         lease["at"] = renewed
 
     # -------------------------------------------------------------- prepare

@@ -535,6 +535,38 @@ def test_a_batch_renews_the_leases_of_its_other_channels_too(backend: str, tmp_p
         ws.close()
 
 
+def test_a_renewal_skips_the_rows_another_channel_is_recording(postgres_lock, tmp_path: Path, monkeypatch):
+    """PostgreSQL: channels send side by side, so while one channel renews the batch's leases
+    another may be recording (and holding) its own rows; the renewal must pass them by, not
+    wait: waiting could deadlock with that record."""
+    import relance.dispatch as dispatch_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(dispatch_module.time, "monotonic", lambda: clock[0])
+    ws = Workspace.load(write_workspace(tmp_path / "ws", database_url("postgres", tmp_path)))
+    try:
+        now = at("2027-03-16T09:00:00")
+        a, b = add_prospects(ws, person(1), person(2))
+        enroll(ws, ws.sequence("outbound"), [a, b], MONDAY)
+        with ws.store.begin() as conn:
+            conn.execute(update(enrollments).where(enrollments.c.prospect_id == b).values(next_step_id="invite", next_due_at=now))
+        d = Dispatcher(ws)
+        lease = timedelta(seconds=ws.config.dispatch.lease_seconds)
+        batch = d.prepare(d.claim(now), now)
+        clock[0] += 200
+        with ws.store.engine.connect() as recording:  # the email channel's record, mid-transaction
+            recording.execute(select(enrollments.c.id).where(enrollments.c.prospect_id == a).with_for_update())
+            renewal = threading.Thread(target=d.renew, args=(batch.outbound[Channel.linkedin], now))
+            renewal.start()
+            renewal.join(timeout=20)
+            assert not renewal.is_alive(), "the renewal waited for the row the other channel holds"
+            recording.rollback()
+        assert enrollment(ws, b).lease_expires_at == now + timedelta(seconds=200) + lease
+        assert enrollment(ws, a).lease_expires_at == now + lease  # skipped: its record releases it
+    finally:
+        ws.close()
+
+
 def test_a_connector_with_a_max_batch_gets_calls_of_that_size_each_recorded_before_the_next(backend: str, tmp_path: Path, monkeypatch):
     """A provider that sends one message at a time takes a batch in slices: every slice's
     outcomes are in the store before the next slice is handed over."""
