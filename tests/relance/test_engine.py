@@ -507,6 +507,19 @@ def test_leases_run_from_when_they_are_handed_out_and_are_renewed_before_a_send(
         ws.close()
 
 
+def two_channel_batch(ws: Workspace, now):
+    """A claimed and prepared batch of two prospects, one due for the intro email, one for the
+    LinkedIn invite: (their ids, the dispatcher, the batch)."""
+    a, b = add_prospects(ws, person(1), person(2))
+    enroll(ws, ws.sequence("outbound"), [a, b], MONDAY)
+    with ws.store.begin() as conn:
+        conn.execute(update(enrollments).where(enrollments.c.prospect_id == b).values(next_step_id="invite", next_due_at=now))
+    d = Dispatcher(ws)
+    batch = d.prepare(d.claim(now), now)
+    assert set(batch.outbound) == {Channel.email, Channel.linkedin}
+    return a, b, d, batch
+
+
 def test_a_batch_renews_the_leases_of_its_other_channels_too(backend: str, tmp_path: Path, monkeypatch):
     """Channels send one after the other: while the first one's provider is slow, the leases
     of the touches still waiting on another channel must not lapse."""
@@ -517,14 +530,8 @@ def test_a_batch_renews_the_leases_of_its_other_channels_too(backend: str, tmp_p
     ws = Workspace.load(write_workspace(tmp_path / "ws", database_url(backend, tmp_path)))
     try:
         now = at("2027-03-16T09:00:00")
-        a, b = add_prospects(ws, person(1), person(2))
-        enroll(ws, ws.sequence("outbound"), [a, b], MONDAY)
-        with ws.store.begin() as conn:  # b is one step further: the batch holds two channels
-            conn.execute(update(enrollments).where(enrollments.c.prospect_id == b).values(next_step_id="invite", next_due_at=now))
-        d = Dispatcher(ws)
+        a, b, d, batch = two_channel_batch(ws, now)
         lease = timedelta(seconds=ws.config.dispatch.lease_seconds)
-        batch = d.prepare(d.claim(now), now)
-        assert set(batch.outbound) == {Channel.email, Channel.linkedin}
         clock[0] += 200  # the batch's leases are 200 s old when the email goes out
         d.deliver(Channel.email, batch.outbound[Channel.email], now)
         assert enrollment(ws, b).lease_expires_at == now + timedelta(seconds=200) + lease
@@ -546,13 +553,8 @@ def test_a_renewal_skips_the_rows_another_channel_is_recording(postgres_lock, tm
     ws = Workspace.load(write_workspace(tmp_path / "ws", database_url("postgres", tmp_path)))
     try:
         now = at("2027-03-16T09:00:00")
-        a, b = add_prospects(ws, person(1), person(2))
-        enroll(ws, ws.sequence("outbound"), [a, b], MONDAY)
-        with ws.store.begin() as conn:
-            conn.execute(update(enrollments).where(enrollments.c.prospect_id == b).values(next_step_id="invite", next_due_at=now))
-        d = Dispatcher(ws)
+        a, b, d, batch = two_channel_batch(ws, now)
         lease = timedelta(seconds=ws.config.dispatch.lease_seconds)
-        batch = d.prepare(d.claim(now), now)
         clock[0] += 200
         with ws.store.engine.connect() as recording:  # the email channel's record, mid-transaction
             recording.execute(select(enrollments.c.id).where(enrollments.c.prospect_id == a).with_for_update())
