@@ -485,7 +485,6 @@ class _Preparer:
         self.events: list[dict[str, Any]] = []
         self._manual: dict[Channel, bool] = {}
         self._senders: dict[tuple[bool, str | None, str | None], Sender | None] = {}
-        self._sender_vars: dict[Sender, dict[str, str]] = {}
         self.unsubscribe_base = f"{self.ws.config.web.base_url.rstrip('/')}/u/"
 
     def run(self, ids: list[int]) -> None:
@@ -590,7 +589,8 @@ class _Preparer:
         template, subject_override = step_templates(step, variant)
         thread = _thread(step, history)
         unsubscribe_url = f"{self.unsubscribe_base}{self.d.tokens.make(prospect['id'], row.id)}"
-        context = touch_context(self.ws.config, seq, step, prospect, self.sender_vars(sender), unsubscribe_url)
+        sender_vars = {"name": sender.name, "email": sender.address, "signature": sender.signature}
+        context = touch_context(self.ws.config, seq, step, prospect, sender_vars, unsubscribe_url)
         nxt = following(seq, step.id)
         # The touch row, complete, in one dict that is also the outbound touch's metadata:
         # a batch builds thousands of them.
@@ -663,13 +663,6 @@ class _Preparer:
             self.events.append(_raw_event(values, EventKind.queued, self.now, dedupe=f"touch:{key}:queued"))
             self.move(row.id, nxt, prospect, seq)
         self.new_touches.append((values, None if manual else outbound, task))
-
-    def sender_vars(self, sender: Sender) -> dict[str, str]:
-        """What templates see of a sender: one dict per sender for the whole batch."""
-        found = self._sender_vars.get(sender)
-        if found is None:
-            found = self._sender_vars[sender] = {"name": sender.name, "email": sender.address, "signature": sender.signature}
-        return found
 
     # Outcomes -----------------------------------------------------------------
     def move(self, enrollment_id: int, nxt: Step | None, prospect: Mapping[str, Any], seq: Sequence) -> None:

@@ -136,7 +136,7 @@ def touch_context(
     change them for the next one."""
     return {
         "prospect": prospect if type(prospect) is dict else dict(prospect),
-        "sender": _shared(sender, lambda s: {"name": s.get("name", ""), "email": s.get("email", ""), "signature": s.get("signature", "")}),
+        "sender": {"name": sender.get("name", ""), "email": sender.get("email", ""), "signature": sender.get("signature", "")},
         "company": _shared(config.company, lambda c: c.model_dump()),
         "unsubscribe_url": unsubscribe_url,
         "sequence": _shared(seq, lambda q: {"name": q.name, "description": q.description, "owner": q.owner, "language": q.language, "kind": q.kind}),
