@@ -3,9 +3,7 @@ Dispatcher.run, against the floor and the naive design measured in the same run.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -207,12 +205,13 @@ class Throughput:
 
     def warm_up(self) -> float:
         """The first flow call starts Prefect's temporary server: not charged to any run."""
+        from flows._common import call_flow
         from flows.dispatch import dispatch
 
         url = self._seeded("sqlite", 200, "warmup")
         root = self._root("warmup", url)
         with timed() as t:
-            asyncio.run(dispatch(workspace=str(root), now=NOW))
+            call_flow(dispatch, workspace=str(root), now=NOW)
         return t.seconds
 
     def _attempt(self, what: str, fn: Any) -> None:
@@ -276,6 +275,7 @@ class Throughput:
         self._digest(backend, n, "Dispatcher.run", url)
 
     def _flow(self, backend: str, n: int) -> None:
+        from flows._common import call_flow
         from flows.dispatch import dispatch
 
         label = f"flow-{backend}-{n}"
@@ -284,7 +284,7 @@ class Throughput:
             url = self._seeded(backend, n, label)
             root = self._root(label, url)
             with timed() as t:
-                state = asyncio.run(dispatch(workspace=str(root), now=NOW, return_state=True))
+                state = call_flow(dispatch, workspace=str(root), now=NOW, return_state=True)
             return state.result(), t, url, str(state.state_details.flow_run_id)
 
         summary, t, url, flow_run_id = self._with_retries(f"{backend} {n:,} dispatch flow", once)
@@ -344,8 +344,9 @@ class Throughput:
             " garbage-collector setting dispatch runs with (`fewer_collections`): with the default one, every other floor"
             " paid for a full collection of the bench's own heap and took twice as long.",
             "- **Dispatcher.run**: claim/prepare/deliver/record without Prefect, in a fresh child process (peak RSS is its own).",
-            "- **dispatch flow**: `flows.dispatch.dispatch` end to end (workspace load, reconcile, progress artifact, one task per"
-            " batch and channel) against Prefect's temporary server started once per process (warm-up not counted).",
+            "- **dispatch flow**: `flows.dispatch.dispatch` end to end, called as `relance serve` calls it (`call_flow`, whose Prefect"
+            " API clients share one TLS context per process), with workspace load, reconcile, progress artifact, one task per"
+            " batch and channel, against Prefect's temporary server started once per process (warm-up not counted).",
             f"- **naive**: one Prefect task per touch (render, insert its own row, append to a file), sample of {self.naive_sample}"
             " touches, loop time only; extrapolated as touches/s. Its tasks log as dispatch's do (no routine"
             " \"Finished in state Completed()\" lines).",

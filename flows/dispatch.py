@@ -118,7 +118,7 @@ async def dispatch(workspace: str = ".", now: datetime | None = None, max_batche
     """Async only at the top: Prefect joins a sync flow's heartbeat thread at exit, and that
     thread sleeps in 1 s steps, so every sync run ended with up to a second of idle wait.
     The work itself is plain sync code, in a thread of its own (Prefect's run context goes
-    with it); call with `asyncio.run(dispatch(...))` from sync code."""
+    with it); call it with `flows._common.call_flow` from sync code."""
     return await asyncio.to_thread(_dispatch, workspace, now, max_batches)
 
 

@@ -225,9 +225,10 @@ def _quiet_prefect() -> None:
 def run(workspace: WorkspaceOpt = Path("."), at: AtOpt = None) -> None:
     """One tick now: the tick flow ingests responses, then dispatches what is due."""
     _quiet_prefect()
+    from flows._common import call_flow
     from flows.tick import tick
 
-    console.print_json(data=tick(workspace=str(workspace.resolve()), now=_now(at)))
+    console.print_json(data=call_flow(tick, workspace=str(workspace.resolve()), now=_now(at)))
 
 
 @app.command()
@@ -242,6 +243,7 @@ def simulate(
     _quiet_prefect()
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
+    from flows._common import api_client_context, call_flow
     from flows.tick import tick
     from relance.simulation import Simulation
 
@@ -250,11 +252,12 @@ def simulate(
     sim = Simulation(ws, start, start + timedelta(weeks=weeks), timedelta(minutes=step_minutes), close_tasks=close_tasks)
     path = str(workspace.resolve())
     # Heartbeats guard long real runs against crashes; each costs up to a second at flow exit.
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    # One Prefect API client for every tick.
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), api_client_context():
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err) as bar:
             job = bar.add_task("simulating", total=sim.span_seconds)
             for now in sim.ticks():
-                sim.record(now, tick(workspace=path, now=now)["dispatch"])
+                sim.record(now, call_flow(tick, workspace=path, now=now)["dispatch"])
                 bar.update(job, completed=(now - start).total_seconds(), description=f"simulated {now:%a %d %b %H:%M} UTC")
     console.print(
         f"simulated {weeks:g} week(s) in {sim.tick_count} ticks: sent "

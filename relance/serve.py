@@ -3,9 +3,9 @@ next to the web app, so nothing but Python is needed (no Prefect server, no work
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
+from functools import partial
 from pathlib import Path
 
 from relance.workspace import Workspace
@@ -18,6 +18,7 @@ def build_scheduler(root: Path):
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.triggers.cron import CronTrigger
 
+    from flows._common import call_flow
     from flows.dispatch import dispatch
     from flows.ingest import ingest
     from flows.report import report
@@ -32,18 +33,16 @@ def build_scheduler(root: Path):
         ("ingest", ingest, schedules.ingest_cron),
         ("report", report, schedules.report_cron),
     ):
-        scheduler.add_job(_logged(name, flow, path), CronTrigger.from_crontab(cron, timezone=zone), id=name)
+        scheduler.add_job(_logged(name, partial(call_flow, flow), path), CronTrigger.from_crontab(cron, timezone=zone), id=name)
     return scheduler, ws
 
 
-def _logged(name: str, flow, path: str):
+def _logged(name: str, run, path: str):
     """Run a flow and say what it did: `relance serve` is watched in a terminal too."""
 
     def job() -> None:
         try:
-            result = flow(workspace=path)
-            if asyncio.iscoroutine(result):  # an async flow (dispatch)
-                result = asyncio.run(result)
+            result = run(workspace=path)
         except Exception:  # the next tick runs anyway; the flow run itself is Failed in Prefect
             log.exception("%s failed", name)
             return

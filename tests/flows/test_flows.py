@@ -15,11 +15,12 @@ from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFl
 from prefect.logging.handlers import APILogHandler
 from sqlalchemy import func, select
 
-from flows._common import TASK_OPTIONS, api_client_context
+from flows._common import TASK_OPTIONS, api_client_context, call_flow
 from flows.dispatch import QuietCompletions, dispatch
 from flows.enroll import enroll
 from flows.ingest import ingest
 from flows.report import report
+from flows.tick import tick
 from relance.store import touches
 from relance.workspace import Workspace
 from tests.conftest import at, database_url, write_workspace
@@ -46,10 +47,10 @@ def test_enroll_dispatch_ingest_report_flows(root: Path):
     result = enroll(sequence="outbound", workspace=str(root), csv_file=str(root / "prospects.csv"), now=start)
     assert result["imported"] == 2 and len(result["rejected"]) == 1 and result["enrolled"] == 2
 
-    summary = asyncio.run(dispatch(workspace=str(root), now=at("2027-03-15T09:30:00")))
+    summary = call_flow(dispatch, workspace=str(root), now=at("2027-03-15T09:30:00"))
     assert summary["claimed"] == 2 and summary["sent"] == {"email": 2}
     assert ingest(workspace=str(root), now=at("2027-03-16T09:30:00"))["recorded"] >= 2  # delivered events
-    later = asyncio.run(dispatch(workspace=str(root), now=at("2027-03-16T10:30:00")))
+    later = asyncio.run(dispatch(workspace=str(root), now=at("2027-03-16T10:30:00")))  # Prefect's own way works too
     assert later["sent"] == {"linkedin": 2}
 
     out = report(workspace=str(root))
@@ -115,6 +116,18 @@ def test_the_serve_scheduler_runs_the_async_dispatch_flow(root: Path, caplog):
     assert [r.getMessage() for r in caplog.records if r.name == "relance.serve"] == ["dispatch: nothing to do"]
 
 
+def test_flows_called_from_sync_code_build_no_tls_context_per_run(root: Path, monkeypatch):
+    """`relance serve` and the simulated clock fire flows all day: Prefect's engine built two
+    API clients per run, each loading the CA bundle (70 to 80 ms apiece on a busy machine)."""
+    call_flow(dispatch, workspace=str(root), now=at("2027-03-15T09:30:00"))  # the process's first run
+    made = []
+    create = ssl.create_default_context
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: made.append(1) or create(*a, **k))
+    assert call_flow(dispatch, workspace=str(root), now=at("2027-03-15T10:30:00"))["claimed"] == 0
+    assert call_flow(tick, workspace=str(root), now=at("2027-03-15T11:30:00"))["dispatch"]["claimed"] == 0
+    assert made == []
+
+
 @pytest.mark.parametrize(
     ("task_name", "level", "message", "kept"),
     [
@@ -171,6 +184,10 @@ def test_the_dispatch_api_client_reuses_one_tls_context_as_prefect_would_build_i
     class Recorder:
         def __init__(self, httpx_settings):
             made.append(httpx_settings["verify"])
+
+        @staticmethod
+        def get():  # no client context around the call
+            return None
 
     monkeypatch.setattr(flows._common, "SyncClientContext", Recorder)
     api_client_context(), api_client_context()
