@@ -21,6 +21,9 @@ from relance.workspace import Workspace
 # Touch batches are large and already persisted in the store: Prefect keeps no copy, and
 # callers wrap them in `quote()` so Prefect does not walk them looking for futures.
 TASK_OPTIONS = {"cache_policy": NO_CACHE, "persist_result": False}
+# A run's outcome is in the store, its logs and its artifacts: Prefect keeps no copy of the
+# return value either (and so does not ask the server for its default result storage per run).
+FLOW_OPTIONS = {"log_prints": False, "persist_result": False}
 
 
 def open_workspace(path: str) -> Workspace:

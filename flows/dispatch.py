@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
-from flows._common import TASK_OPTIONS, api_client_context, clock, open_workspace
+from flows._common import FLOW_OPTIONS, TASK_OPTIONS, api_client_context, clock, open_workspace
 from relance.channels import OutboundTouch
 from relance.dispatch import Batch, Dispatcher, DispatchSummary, fewer_collections
 from relance.events import Channel
@@ -113,7 +113,7 @@ def dispatch_due(ws: Workspace, now: datetime, max_batches: int | None = None) -
     return total
 
 
-@flow(name="dispatch", log_prints=False)
+@flow(name="dispatch", **FLOW_OPTIONS)
 async def dispatch(workspace: str = ".", now: datetime | None = None, max_batches: int | None = None) -> dict[str, Any]:
     """Async only at the top: Prefect joins a sync flow's heartbeat thread at exit, and that
     thread sleeps in 1 s steps, so every sync run ended with up to a second of idle wait.

@@ -8,12 +8,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows._common import clock, open_workspace
+from flows._common import FLOW_OPTIONS, clock, open_workspace
 from relance.enrollment import enroll as enroll_prospects
 from relance.prospects import find_prospects, import_csv
 
 
-@flow(name="enroll", log_prints=False)
+@flow(name="enroll", **FLOW_OPTIONS)
 def enroll(
     sequence: str,
     workspace: str = ".",

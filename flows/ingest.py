@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger, task
 
 from prefect.utilities.annotations import quote
 
-from flows._common import TASK_OPTIONS, clock, open_workspace
+from flows._common import FLOW_OPTIONS, TASK_OPTIONS, clock, open_workspace
 from relance.channels import Capability
 from relance.events import Channel
 from relance.ingest import IngestSummary, ingest as ingest_events
@@ -37,7 +37,7 @@ def ingest_due(ws: Workspace, now: datetime) -> IngestSummary:
     return total
 
 
-@flow(name="ingest", log_prints=False)
+@flow(name="ingest", **FLOW_OPTIONS)
 def ingest(workspace: str = ".", now: datetime | None = None) -> dict[str, Any]:
     ws = open_workspace(workspace)
     try:

@@ -8,11 +8,11 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows._common import open_workspace
+from flows._common import FLOW_OPTIONS, open_workspace
 from relance.reports import build_report
 
 
-@flow(name="report", log_prints=False)
+@flow(name="report", **FLOW_OPTIONS)
 def report(workspace: str = ".", sequence: str | None = None, since: datetime | None = None) -> dict[str, Any]:
     ws = open_workspace(workspace)
     try:

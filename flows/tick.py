@@ -13,12 +13,12 @@ from typing import Any
 
 from prefect import flow
 
-from flows._common import clock, open_workspace
+from flows._common import FLOW_OPTIONS, clock, open_workspace
 from flows.dispatch import dispatch_due
 from flows.ingest import ingest_due
 
 
-@flow(name="tick", log_prints=False)
+@flow(name="tick", **FLOW_OPTIONS)
 def tick(workspace: str = ".", now: datetime | None = None) -> dict[str, Any]:
     now = clock(now)
     ws = open_workspace(workspace)
