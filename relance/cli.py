@@ -212,19 +212,39 @@ def suppress(
 
 
 # ------------------------------------------------------------------------ running
-def _quiet_prefect() -> None:
-    """Prefect without a configured server starts a temporary one; its first start migrates a
-    database, which takes more than Prefect's default 20 s on a busy 2-core machine."""
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+# Settings for the temporary Prefect server the flow commands start when no server is
+# configured (PREFECT_API_URL); each is only a default, the environment wins.
+#
+# Its first start migrates a database, which takes more than Prefect's default 20 s on a
+# busy 2-core machine. And its SQLite database has one writer: with the task-run recorder
+# writing each task run's every state change in a transaction of its own, and the event
+# persister every 20 events, the flow runs' own API calls met "database is locked" (503,
+# then two seconds of client back-off) about every other tick of the simulated clock,
+# which then spent half its time waiting, and the recorder was cut off mid-write when the
+# process exited (tracebacks on the console). Batched, each writes about once a second.
+TEMPORARY_SERVER_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "500",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
+}
+
+
+def _temporary_server_defaults() -> None:
+    """Only defaults: the environment wins."""
+    for name, value in TEMPORARY_SERVER_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 @app.command()
 def run(workspace: WorkspaceOpt = Path("."), at: AtOpt = None) -> None:
     """One tick now: the tick flow ingests responses, then dispatches what is due."""
-    _quiet_prefect()
+    _temporary_server_defaults()
     from flows._common import call_flow
     from flows.tick import tick
 
@@ -240,7 +260,7 @@ def simulate(
     at: AtOpt = None,
 ) -> None:
     """Run the tick flow (ingest, then dispatch) on a simulated clock, jumping over idle time."""
-    _quiet_prefect()
+    _temporary_server_defaults()
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows._common import api_client_context, call_flow
@@ -272,7 +292,7 @@ def serve(
     web: Annotated[bool, typer.Option(help="Also serve the web app (opt-out page, webhooks, task inbox).")] = True,
 ) -> None:
     """Single-machine mode: APScheduler fires the flows on their schedules, next to the web app."""
-    _quiet_prefect()
+    _temporary_server_defaults()
     from relance.serve import serve as run_server
 
     run_server(workspace.resolve(), with_web=web)

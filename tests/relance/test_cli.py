@@ -186,3 +186,18 @@ def test_report_deliverability_view_per_mailbox_and_sequence(workspace_dir: Path
     ]:
         bad = cli(*args)
         assert bad.exit_code == 1 and message in bad.output, (args, bad.output)
+
+
+
+def test_the_temporary_prefect_server_batches_its_writes_unless_told_otherwise(monkeypatch):
+    from prefect.settings import Settings
+
+    from relance.cli import TEMPORARY_SERVER_DEFAULTS, _temporary_server_defaults
+
+    for name in TEMPORARY_SERVER_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)  # and whatever the call sets is undone at teardown
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL", "3")  # the user's own
+    _temporary_server_defaults()
+    services = Settings().server.services  # read by Prefect itself: a misspelt name would be ignored
+    assert services.task_run_recorder.batch_size == 100 and services.event_persister.batch_size == 500
+    assert services.task_run_recorder.flush_interval == 1 and services.event_persister.flush_interval == 3
