@@ -23,11 +23,10 @@ os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")  # th
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "ERROR")  # the naive run's backlog warnings
 os.environ.pop("PREFECT_API_URL", None)  # a temporary server, never someone's real one
 # The temporary server batches its writes as it does under the `relance` commands.
-from relance.cli import TEMPORARY_SERVER_DEFAULTS  # noqa: E402  (imports no Prefect)
+from relance.cli import BATCHED_SERVER_WRITES  # noqa: E402  (imports no Prefect)
 
-for _name, _value in TEMPORARY_SERVER_DEFAULTS.items():
-    if "_SERVICES_" in _name:
-        os.environ.setdefault(_name, _value)
+for _name, _value in BATCHED_SERVER_WRITES.items():
+    os.environ.setdefault(_name, _value)
 KEEP = False
 
 

@@ -188,7 +188,6 @@ def test_report_deliverability_view_per_mailbox_and_sequence(workspace_dir: Path
         assert bad.exit_code == 1 and message in bad.output, (args, bad.output)
 
 
-
 def test_the_temporary_prefect_server_batches_its_writes_unless_told_otherwise(monkeypatch):
     from prefect.settings import Settings
 
