@@ -172,7 +172,8 @@ def erase(
     at: AtOpt = None,
 ) -> None:
     """Erase a prospect's personal data (GDPR); reports stay correct, re-imports are refused."""
-    from relance.prospects import erase_prospect, find_prospects
+    from relance.privacy import erase_prospect
+    from relance.prospects import find_prospects
 
     ws = _workspace(workspace)
     now = _now(at)
@@ -181,8 +182,27 @@ def erase(
         if not ids:
             _fail(f"no prospect with email {email}")
         for pid in ids:
-            erase_prospect(conn, pid, now)  # ends their cadences; events stay for the reports
+            erase_prospect(conn, pid, now)  # ends their cadences; events stay, blanked, for the reports
     console.print(f"erased {email}")
+
+
+@app.command()
+def retention(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count who would be blanked, change nothing.")] = False,
+    workspace: WorkspaceOpt = Path("."),
+    at: AtOpt = None,
+) -> None:
+    """Blank the personal data of prospects idle for privacy.retention_days (the nightly
+    retention flow does it too); unlike an erasure, a later re-import is allowed."""
+    from relance.privacy import expire_idle_prospects
+
+    ws = _workspace(workspace)
+    days = ws.config.privacy.retention_days
+    if days is None:
+        _fail("privacy.retention_days is not set in config.yaml: personal data is kept")
+    summary = expire_idle_prospects(ws.store, _now(at), days, dry_run=dry_run)
+    verb = "would be blanked" if dry_run else "blanked"
+    console.print(f"{summary.expired} prospect(s) idle since {summary.cutoff:%Y-%m-%d} ({days} days): personal data {verb}")
 
 
 @app.command()

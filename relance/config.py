@@ -101,6 +101,14 @@ class Schedules(_Model):
     dispatch_cron: str = "* * * * *"
     ingest_cron: str = "*/5 * * * *"
     report_cron: str = "0 7 * * *"
+    retention_cron: str = "30 3 * * *"
+
+
+class Privacy(_Model):
+    """Personal data of a prospect idle this long is blanked (relance.privacy); None keeps it.
+    Three years from the last contact is the CNIL's guidance for B2B prospects."""
+
+    retention_days: int | None = Field(default=1095, ge=30)
 
 
 class Config(_Model):
@@ -120,6 +128,7 @@ class Config(_Model):
     web: Web = Web()
     dispatch: Dispatch = Dispatch()
     schedules: Schedules = Schedules()
+    privacy: Privacy = Privacy()
 
     @field_validator("senders")
     @classmethod

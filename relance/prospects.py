@@ -28,8 +28,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, IntegrityError
 
 from relance.errors import ProspectError
-from relance.store import Store, enrollments, prospects, suppressions, tasks, touches
-from relance.suppression import ERASED, HASHED_KINDS, among, fold_name, hash_identifier, phone_identity, suppress
+from relance.privacy import identities
+from relance.store import Store, prospects, suppressions
+from relance.suppression import ERASED, HASHED_KINDS, among, fold_name, hash_identifier, phone_identity
 
 # ---------------------------------------------------------------------------------------------
 # Columns
@@ -436,12 +437,6 @@ def _phone_key(values: Mapping[str, Any]) -> str | None:
     return phone_identity(values["phone"], values["first_name"], values["last_name"])
 
 
-def _identities(values: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:
-    """What an erasure hashes: email, LinkedIn URL, phone with name."""
-    phone = values["phone"] and phone_identity(values["phone"], values["first_name"], values["last_name"])
-    return values["email"], values["linkedin_url"], phone
-
-
 def _open_csv(path: Path) -> tuple[Iterator[list[str]], Any]:
     """(csv reader, file): `;` or `,` as the header uses; UTF-8, else cp1252 (Excel on Windows)."""
     try:
@@ -602,7 +597,7 @@ class _Import:
         erased: set[str] = set()
         # Hash the batch only if anyone was ever erased: most stores have no erasure at all.
         if conn.scalar(select(suppressions.c.id).where(*erasures).limit(1)) is not None:
-            digests = {id(r): [hash_identifier(v) for v in _identities(r.values) if v] for r in batch}
+            digests = {id(r): [hash_identifier(v) for v in identities(r.values) if v] for r in batch}
             wanted = {h for hashes in digests.values() for h in hashes}
             query = select(suppressions.c.value).where(*erasures, among(conn, suppressions.c.value, wanted))
             erased = set(conn.scalars(query))
@@ -762,51 +757,3 @@ def find_prospects(
     for start in range(0, len(wanted), 1000):
         ids.update(conn.scalars(stmt.where(among(conn, prospects.c.email, wanted[start : start + 1000]))))
     return sorted(ids)
-
-
-def erase_prospect(conn: Connection, prospect_id: int, now: datetime) -> bool:
-    """GDPR erasure; False if already erased. Events stay, so aggregate reports stay right.
-
-    What identified the person goes (email, names, title, phone, LinkedIn, attributes, the
-    recipient and subject of their touches, their task texts); company, country and zone
-    stay as report dimensions. SHA-256s of the email, the LinkedIn URL and the phone with the
-    name are kept as suppressions so a later import of the same person is refused. Their
-    cadences end.
-    """
-    row = conn.execute(
-        select(prospects.c.email, prospects.c.linkedin_url, prospects.c.phone, prospects.c.first_name,
-               prospects.c.last_name, prospects.c.erased_at).where(prospects.c.id == prospect_id)
-    ).first()  # fmt: skip
-    if row is None:
-        raise ProspectError(f"no prospect #{prospect_id}", key="id")
-    if row.erased_at is not None:
-        return False
-    for kind, value in zip(HASHED_KINDS, _identities(row._mapping)):
-        if value:
-            digest = hash_identifier(value)
-            if not suppress(conn, kind, digest, ERASED, source=f"erasure of prospect #{prospect_id}", now=now):
-                # The hash was already there for another reason: erasure must still block imports.
-                conn.execute(
-                    update(suppressions)
-                    .where(suppressions.c.kind == kind, suppressions.c.value == digest)
-                    .values(reason=ERASED)
-                )
-    conn.execute(
-        update(prospects)
-        .where(prospects.c.id == prospect_id)
-        .values(
-            email=None, first_name=None, last_name=None, title=None, phone=None, linkedin_url=None,
-            attributes={}, erased_at=now, updated_at=now,
-        )
-    )  # fmt: skip
-    conn.execute(update(touches).where(touches.c.prospect_id == prospect_id).values(recipient=None, subject=None))
-    conn.execute(update(tasks).where(tasks.c.prospect_id == prospect_id).values(title="(erased)", body=None, note=None))
-    conn.execute(
-        update(enrollments)
-        .where(enrollments.c.prospect_id == prospect_id, enrollments.c.state.in_(("active", "paused")))
-        .values(
-            state="exited", reason="erased on request", next_due_at=None,
-            lease_owner=None, lease_expires_at=None, updated_at=now,
-        )
-    )  # fmt: skip
-    return True

@@ -22,6 +22,7 @@ def build_scheduler(root: Path):
     from flows.dispatch import dispatch
     from flows.ingest import ingest
     from flows.report import report
+    from flows.retention import retention
 
     ws = Workspace.load(root)
     schedules = ws.config.schedules
@@ -32,6 +33,7 @@ def build_scheduler(root: Path):
         ("dispatch", dispatch, schedules.dispatch_cron),
         ("ingest", ingest, schedules.ingest_cron),
         ("report", report, schedules.report_cron),
+        ("retention", retention, schedules.retention_cron),
     ):
         scheduler.add_job(_logged(name, partial(call_flow, flow), path), CronTrigger.from_crontab(cron, timezone=zone), id=name)
     return scheduler, ws

@@ -20,8 +20,9 @@ from flows.dispatch import QuietCompletions, dispatch
 from flows.enroll import enroll
 from flows.ingest import ingest
 from flows.report import report
+from flows.retention import retention
 from flows.tick import tick
-from relance.store import touches
+from relance.store import enrollments, prospects, touches
 from relance.workspace import Workspace
 from tests.conftest import at, database_url, write_workspace
 
@@ -102,6 +103,28 @@ def test_dispatch_runs_one_task_per_batch_and_channel_and_publishes_artifacts(ro
     with get_client(sync_client=True) as client:
         ours = [a for a in client.read_artifacts() if a.flow_run_id == state.state_details.flow_run_id]
     assert [a.key for a in ours] == ["dispatch-summary"] and "| sent (linkedin) | 2 |" in ours[0].data
+
+
+def test_retention_flow_blanks_idle_prospects_and_says_so_in_an_artifact(root: Path):
+    enroll(sequence="outbound", workspace=str(root), csv_file=str(root / "prospects.csv"), now=at("2027-03-15T07:00:00"))
+    config = root / "config.yaml"
+    config.write_text(config.read_text() + "privacy: {retention_days: 30}\n")
+    assert retention(workspace=str(root), now=at("2027-05-01T00:00:00"))["expired"] == 0  # their cadences run
+    ws = Workspace.load(root)
+    with ws.store.begin() as conn:
+        conn.execute(enrollments.update().values(state="completed", updated_at=at("2027-03-20T00:00:00")))
+    ws.close()
+    preview = retention(workspace=str(root), now=at("2027-05-01T00:00:00"), dry_run=True)
+    assert preview == {"cutoff": "2027-04-01T00:00:00+00:00", "expired": 2, "dry_run": True, "retention_days": 30}
+    state = retention(workspace=str(root), now=at("2027-05-01T00:00:00"), return_state=True)
+    assert state.result()["expired"] == 2
+    with get_client(sync_client=True) as client:
+        ours = [a for a in client.read_artifacts() if a.flow_run_id == state.state_details.flow_run_id]
+    assert [a.key for a in ours] == ["retention"] and "2 prospect(s) idle since 2027-04-01 (30 days): personal data blanked" in ours[0].data
+    ws = Workspace.load(root)
+    with ws.store.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(prospects).where(prospects.c.email.is_not(None))) == 0
+    ws.close()
 
 
 def test_the_serve_scheduler_runs_the_async_dispatch_flow(root: Path, caplog):

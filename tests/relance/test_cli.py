@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,24 @@ def test_erase_ends_the_cadence_and_a_reimport_is_refused(cli, example_workspace
     assert "erased on request" in out
     gone = cli("preview", "cfo-outbound-fr", "--prospect", "ines.fabre@injection-lab.example", ok=False)
     assert gone.exit_code == 1 and "no prospect with email" in gone.output
+
+
+def test_retention_blanks_prospects_idle_for_the_configured_period(cli, example_workspace: Path):
+    out = cli("import", str(example_workspace / "prospects" / "sample.csv")).output
+    imported = int(re.search(r"(\d+) imported", out).group(1))
+    cli("enroll", "cfo-outbound-fr", "--where", "language=fr")
+    enrolled = int(re.search(r"'active': (\d+)", cli("status").output).group(1))
+    assert 0 < enrolled < imported
+    three_years_on = "2030-03-16T07:00:00Z"  # 1095 days (config.yaml) after 2027-03-17: two days past the import
+    assert "0 prospect(s) idle since 2027-03-15" in cli("retention", "--at", "2030-03-14T07:00:00Z").output  # imported at the cutoff
+    preview = cli("retention", "--dry-run", "--at", three_years_on).output
+    assert f"{imported - enrolled} prospect(s) idle since 2027-03-17 (1095 days): personal data would be blanked" in preview
+    assert f"{imported - enrolled} prospect(s)" in cli("retention", "--at", three_years_on).output
+    assert "0 prospect(s)" in cli("retention", "--at", three_years_on).output  # running cadences keep theirs
+    config = example_workspace / "config.yaml"
+    config.write_text(config.read_text().replace("retention_days: 1095", "retention_days: null"))
+    kept = cli("retention", ok=False)
+    assert kept.exit_code == 1 and "retention_days is not set" in kept.output
 
 
 def test_suppress_a_whole_domain_on_request_ends_its_cadences(cli, example_workspace: Path):

@@ -1,4 +1,4 @@
-"""Prospect import: validation, normalisation, dedupe and erasure, on SQLite and PostgreSQL."""
+"""Prospect import: validation, normalisation and dedupe, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,18 +6,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, func, insert, select
+from sqlalchemy import event, insert, select
 
 from relance.errors import ProspectError
+from relance.privacy import erase_prospect
 from relance.prospects import (
-    erase_prospect,
     find_prospects,
     import_csv,
     normalise_linkedin_url,
     normalise_row,
 )
-from relance.store import Store, enrollments, prospects, touches
-from relance.suppression import hash_identifier, list_suppressions, phone_identity, suppress, suppressed_ids
+from relance.store import Store, prospects
+from relance.suppression import list_suppressions, suppress, suppressed_ids
 
 NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 
@@ -294,63 +294,6 @@ def test_import_never_removes_a_suppression(store: Store, tmp_path: Path) -> Non
         ]
         rows = conn.execute(select(prospects)).all()
         assert suppressed_ids(conn, rows) == {rows[0].id: "unsubscribed (email)"}
-
-
-def test_erased_prospect_is_blanked_and_not_recreated_by_reimport(store: Store, tmp_path: Path) -> None:
-    path = write(
-        tmp_path,
-        "email,first_name,last_name,title,phone,linkedin,company,Secteur\n"
-        "jean@acme.fr,Jean,Dupont,DAF,0612345678,https://www.linkedin.com/in/jean-dupont,Acme,SaaS\n"
-        "paul@acme.fr,Paul,Martin,CFO,,,Acme,SaaS\n",
-    )
-    import_csv(store, path, now=NOW)
-    with store.begin() as conn:
-        (jean_id,) = find_prospects(conn, emails=["JEAN@acme.fr"])
-        enrollment_id = conn.execute(
-            insert(enrollments).values(
-                prospect_id=jean_id, sequence="cfo", state="active", next_step_id="bump",
-                next_due_at=NOW, enrolled_at=NOW, updated_at=NOW,
-            ).returning(enrollments.c.id)
-        ).scalar_one()  # fmt: skip
-        conn.execute(
-            insert(touches).values(
-                enrollment_id=enrollment_id, prospect_id=jean_id, sequence="cfo", step_id="intro",
-                channel="email", action="send", idempotency_key="k1", status="sent", spec_version="1",
-                recipient="jean@acme.fr", subject="Bonjour Jean", created_at=NOW,
-            )
-        )  # fmt: skip
-    later = NOW + timedelta(days=2)
-    with store.begin() as conn:
-        assert erase_prospect(conn, jean_id, later) is True
-        assert erase_prospect(conn, jean_id, later) is False  # idempotent
-    with store.connect() as conn:
-        jean = conn.execute(select(prospects).where(prospects.c.id == jean_id)).mappings().one()
-        for name in ("email", "first_name", "last_name", "title", "phone", "linkedin_url"):
-            assert jean[name] is None, name
-        assert jean["attributes"] == {} and jean["erased_at"] == later
-        assert conn.execute(select(enrollments.c.state, enrollments.c.next_due_at)).one() == ("exited", None)
-        assert conn.execute(select(touches.c.recipient, touches.c.subject)).one() == (None, None)
-        kept = {(s["kind"], s["value"]) for s in list_suppressions(conn)}
-        assert kept == {
-            ("email_sha256", hash_identifier("jean@acme.fr")),
-            ("linkedin_sha256", hash_identifier("https://www.linkedin.com/in/jean-dupont")),
-            ("phone_sha256", hash_identifier(phone_identity("+33612345678", "Jean", "Dupont"))),
-        }
-        assert find_prospects(conn, where={"company": "Acme"}) != [jean_id]
-
-    for content in (
-        "email,first_name\nJean@Acme.fr,Jean\n",
-        "linkedin,first_name\nhttps://fr.linkedin.com/in/Jean-Dupont/,Jean\n",
-        "Téléphone;Prénom;Nom\n06 12 34 56 78;JEAN;Dupont\n",  # a call list: number and name
-    ):
-        report = import_csv(store, write(tmp_path, content, name="again.csv"), now=later)
-        assert [(r.row_number, r.reason) for r in report.rejected] == [(2, "erased on request")]
-        assert report.imported == report.updated == 0
-    report = import_csv(store, write(tmp_path, "Téléphone;Prénom;Nom\n06 12 34 56 78;Marie;Curie\n"), now=later)
-    assert report.imported == 1  # the same number, someone else: switchboards are shared
-    assert len(all_prospects(store)) == 3
-    with store.connect() as conn:
-        assert conn.scalar(select(func.count()).select_from(prospects).where(prospects.c.erased_at.isnot(None))) == 1
 
 
 def test_find_prospects(store: Store, tmp_path: Path) -> None:
