@@ -107,9 +107,12 @@ EVENTS: dict[str, tuple[EventKind, str | None]] = {
     "complaint": (EventKind.complained, None),
     "unsubscribed": (EventKind.unsubscribed, None),
     "unsubscribe": (EventKind.unsubscribed, None),
+    # Brevo could not hand the message over (its own failure, not the recipient's): the send
+    # failed, as reports count it; the cadence goes on.
+    "error": (EventKind.failed, "provider error"),
 }
-# Documented events that say nothing about the prospect: accepted and dropped, not an error.
-IGNORED_EVENTS = frozenset({"error", "list_addition"})
+# Documented events that say nothing about a message: accepted and dropped, not an error.
+IGNORED_EVENTS = frozenset({"list_addition"})
 
 
 class BrevoSettings(BaseModel):

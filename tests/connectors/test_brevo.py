@@ -321,6 +321,7 @@ def bearer(token: str = TOKEN) -> dict[str, str]:
         ("complaint", EventKind.complained, None),
         ("unsubscribed", EventKind.unsubscribed, None),
         ("unsubscribe", EventKind.unsubscribed, None),
+        ("error", EventKind.failed, "provider error"),
     ],
 )
 def test_each_brevo_event_is_normalised(env, event, kind, detail):
@@ -353,7 +354,7 @@ def test_batched_events_the_same_event_twice_and_untracked_events():
         brevo_event("delivered"),  # Brevo retrying: same dedupe key
         brevo_event("unique_opened", ts_epoch=1772534760000),
         brevo_event("opened", ts_epoch=1772538360000),  # a second open is its own event
-        brevo_event("error"),  # documented, says nothing about the prospect
+        brevo_event("list_addition"),  # documented, says nothing about a message
         brevo_event("some_future_event"),
     ]
     with pytest.MonkeyPatch.context() as mp:
