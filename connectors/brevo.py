@@ -74,7 +74,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from relance.channels import BaseConnector, Capability, InboundEvent, OutboundTouch, SendResult, register
 from relance.email_message import build_email, one_line
-from relance.errors import RelanceError, TerminalError, TransientError
+from relance.errors import RelanceError, TerminalError, TransientError, Unauthenticated
 from relance.events import Channel, EventKind
 
 __all__ = ["BrevoEmail", "BrevoSettings", "brevo_idempotency_key", "parse_retry_after"]
@@ -409,19 +409,19 @@ class BrevoEmail(BaseConnector):
             raise TerminalError("brevo webhook: headers are not a mapping") from None
         secret = os.environ.get(self.settings.webhook_secret_env, "")
         if not secret:
-            raise TerminalError(f"brevo webhook: refused, {self.settings.webhook_secret_env} is not set (webhooks must be authenticated)")
+            raise Unauthenticated(f"brevo webhook: refused, {self.settings.webhook_secret_env} is not set (webhooks must be authenticated)")
         scheme, _, credentials = supplied.strip().partition(" ")
         expected_scheme = self.settings.webhook_auth
         if scheme.lower() != expected_scheme:
-            raise TerminalError(f"brevo webhook: missing {expected_scheme.capitalize()} Authorization header")
+            raise Unauthenticated(f"brevo webhook: missing {expected_scheme.capitalize()} Authorization header")
         given = credentials.strip().encode("utf-8", "replace")
         if expected_scheme == "basic":
             try:
                 given = base64.b64decode(given, validate=True)
             except (binascii.Error, ValueError):
-                raise TerminalError("brevo webhook: Authorization Basic is not base64") from None
+                raise Unauthenticated("brevo webhook: Authorization Basic is not base64") from None
         if not hmac.compare_digest(given, secret.encode("utf-8")):
-            raise TerminalError("brevo webhook: credentials do not match (forged, or another webhook secret)")
+            raise Unauthenticated("brevo webhook: credentials do not match (forged, or another webhook secret)")
 
     def _event(self, item: Any, where: str) -> InboundEvent | None:
         if not isinstance(item, dict):

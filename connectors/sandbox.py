@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from relance.channels import BaseConnector, Capability, InboundEvent, OutboundTouch, SendResult, register
 from relance.email_message import build_email, make_message_id
-from relance.errors import RelanceError, TerminalError, TransientError
+from relance.errors import RelanceError, TerminalError, TransientError, Unauthenticated
 from relance.events import Channel, EventKind
 from relance.store import use_wal
 
@@ -580,10 +580,10 @@ class _Sandbox(BaseConnector, ABC):
         except (AttributeError, TypeError):
             raise TerminalError("sandbox webhook: headers are not a mapping") from None
         if not signature:
-            raise TerminalError("sandbox webhook: missing X-Sandbox-Signature header")
+            raise Unauthenticated("sandbox webhook: missing X-Sandbox-Signature header")
         expected = sign_webhook(body, self.settings.webhook_secret)
         if not hmac.compare_digest(signature.strip().lower().encode("utf-8", "replace"), expected.encode()):
-            raise TerminalError("sandbox webhook: X-Sandbox-Signature does not match the body (forged, or another webhook_secret)")
+            raise Unauthenticated("sandbox webhook: X-Sandbox-Signature does not match the body (forged, or another webhook_secret)")
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:

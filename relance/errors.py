@@ -25,6 +25,11 @@ class TerminalError(RelanceError):
     """Record and stop retrying: a hard bounce, a rejected recipient, bad credentials."""
 
 
+class Unauthenticated(TerminalError):
+    """A webhook call whose credentials are missing or do not match: forged, or signed with
+    another secret (the web app answers 401, not 400)."""
+
+
 class OutcomeUnknown(TerminalError):
     """The provider may or may not have sent it (the connection dropped after the message was
     handed over): never resent blindly; the touch is flagged for a person to reconcile."""

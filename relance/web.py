@@ -13,7 +13,7 @@ from fastapi import FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from sqlalchemy import select, text
 
-from relance.errors import TerminalError, UserInputError
+from relance.errors import TerminalError, Unauthenticated, UserInputError
 from relance.events import Channel, EventKind
 from relance.inbox import complete_task, open_tasks
 from relance.ingest import ingest, insert_events
@@ -122,6 +122,8 @@ def create_app(ws: Workspace, clock=lambda: datetime.now(UTC)) -> FastAPI:
         body = await request.body()
         try:
             inbound = connector.parse_webhook(dict(request.headers), body)
+        except Unauthenticated as exc:
+            return JSONResponse({"error": str(exc)}, status_code=401)
         except TerminalError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         summary = ingest(ws, inbound, clock())

@@ -31,7 +31,7 @@ from connectors.sandbox import (
 )
 from relance.channels import InboundEvent, OutboundTouch, Sender
 from relance.email_message import make_message_id
-from relance.errors import TerminalError, TransientError
+from relance.errors import TerminalError, TransientError, Unauthenticated
 from relance.events import Channel, EventKind
 
 NOW = datetime(2026, 3, 2, 8, 30, tzinfo=timezone.utc)  # Monday 09:30 in Paris
@@ -618,7 +618,7 @@ def test_signed_webhook_becomes_events(tmp_path):
     ],
 )
 def test_forged_or_missing_signature_is_rejected(tmp_path, headers):
-    with pytest.raises(TerminalError, match="signature|Signature"):
+    with pytest.raises(Unauthenticated, match="signature|Signature"):
         make(SandboxEmail, tmp_path).parse_webhook(headers, _webhook_body())
 
 

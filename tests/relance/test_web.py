@@ -101,7 +101,8 @@ def test_a_signed_webhook_is_ingested_and_a_forged_or_malformed_one_refused(serv
     signed = client.post("/webhooks/email", content=body, headers={"X-Sandbox-Signature": sign_webhook(body, secret)})
     assert signed.status_code == 200 and signed.json()["recorded"] == 1 and signed.json()["exited"] == 1
     forged = client.post("/webhooks/email", content=body.replace(b"replied", b"opened"), headers={"X-Sandbox-Signature": sign_webhook(body, secret)})
-    assert forged.status_code == 400
+    assert forged.status_code == 401 and "does not match" in forged.json()["error"]
+    assert client.post("/webhooks/email", content=body).status_code == 401  # unsigned
     assert client.post("/webhooks/email", content=b"{not json", headers={"X-Sandbox-Signature": sign_webhook(b"{not json", secret)}).status_code == 400
     assert client.post("/webhooks/fax", content=b"{}").status_code == 404
     with ws.store.connect() as conn:
