@@ -27,6 +27,7 @@ mailboxes are still read: raising after handing over events would lose them.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import imaplib
 import logging
@@ -144,7 +145,7 @@ class _Reader:
 
     # ------------------------------------------------------------------ cursor
     def _folder(self, conn: imaplib.IMAP4) -> Iterator[InboundEvent]:
-        typ, data = conn.select(_quote(self.folder), readonly=True)
+        typ, data = conn.select(_quote(folder_on_the_wire(self.folder)), readonly=True)
         if typ != "OK":
             raise ConfigError(f"IMAP folder {self.folder!r} cannot be opened: {_text(data)}", key=f"senders[{self.box.email}].imap.folder")
         uidvalidity = _number(conn.response("UIDVALIDITY")[1])
@@ -301,6 +302,29 @@ def _candidates(v: Classification) -> tuple[str, ...]:
     """The ids worth a lookup: the most specific ones, and the thread's root (a long thread
     started by our first email keeps it first in References)."""
     return v.match_ids[:12] + v.references[:1]
+
+
+def folder_on_the_wire(name: str) -> str:
+    """A folder name as IMAP spells it (RFC 3501 5.1.3, modified UTF-7): printable ASCII as it
+    is, `&` as `&-`, any other run of characters as `&`, the base64 of its UTF-16 (`,` for
+    `/`, no padding), `-`. "Réponses" is "R&AOk-ponses" to the server."""
+    out: list[str] = []
+    run: list[str] = []
+
+    def close_run() -> None:
+        if run:
+            encoded = base64.b64encode("".join(run).encode("utf-16-be")).decode().rstrip("=")
+            out.append(f"&{encoded.replace('/', ',')}-")
+            run.clear()
+
+    for char in name:
+        if " " <= char <= "~":
+            close_run()
+            out.append("&-" if char == "&" else char)
+        else:
+            run.append(char)
+    close_run()
+    return "".join(out)
 
 
 def _quote(folder: str) -> str:

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import insert, select
 
-from connectors.imap import MAX_REPLAYS, poll_mailboxes
+from connectors.imap import MAX_REPLAYS, folder_on_the_wire, poll_mailboxes
 from relance.classify import classify
 from relance.config import Mailbox, MailServer
 from relance.dispatch import Dispatcher
@@ -176,6 +176,31 @@ def test_uidvalidity_change_reads_the_folder_again_without_duplicate_events(dove
     assert (summary.recorded, summary.duplicates) == (1, 3)
     assert (cursor(ws, box).uidvalidity, cursor(ws, box).last_uid) == (after, 4)
     assert list(poll_mailboxes(ws, [box], now)) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "wire"),
+    [
+        ("INBOX", "INBOX"),
+        ("Relance Replies", "Relance Replies"),
+        ("Réponses", "R&AOk-ponses"),
+        ("Devis & Factures", "Devis &- Factures"),
+        ("~peter/mail/台北/日本語", "~peter/mail/&U,BTFw-/&ZeVnLIqe-"),  # RFC 3501's own example
+    ],
+)
+def test_folder_names_go_on_the_wire_in_modified_utf7(name, wire):
+    assert folder_on_the_wire(name) == wire
+
+
+def test_a_folder_with_accents_and_an_ampersand_is_read(dovecot, imap_password, ws):
+    """Created under its wire name spelled by hand: Dovecot refuses a CREATE that is not valid
+    modified UTF-7, and the reader must open it from the name config.yaml writes."""
+    login = dovecot.new_account()
+    now = datetime.now(UTC)
+    dovecot.append(login, [message("p1@client.example", login, "Re: hello", "Oui\n", when=now, in_reply_to="<x@acme.example>")],
+                   folder="R&AOk-ponses &- relances")  # fmt: skip
+    box = mailbox(dovecot, login, folder="Réponses & relances")
+    assert [e.kind for e in poll_mailboxes(ws, [box], now)] == [EventKind.replied]
 
 
 def test_a_batch_that_never_reached_the_event_log_is_read_again(dovecot, imap_password, ws):
