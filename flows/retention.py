@@ -21,10 +21,8 @@ def retention(workspace: str = ".", now: datetime | None = None, dry_run: bool =
             get_run_logger().info("privacy.retention_days is not set in config.yaml: personal data is kept")
             return {"expired": 0, "retention_days": None}
         summary = expire_idle_prospects(ws.store, clock(now), days, dry_run=dry_run)
-        verb = "would be blanked" if dry_run else "blanked"
-        text = f"{summary.expired} prospect(s) idle since {summary.cutoff:%Y-%m-%d} ({days} days): personal data {verb}."
-        get_run_logger().info(text)
-        create_markdown_artifact(markdown=f"# Retention\n\n{text}\n", key="retention", description="Last retention sweep")
-        return {**summary.as_dict(), "retention_days": days}
+        get_run_logger().info(str(summary))
+        create_markdown_artifact(markdown=f"# Retention\n\n{summary}.\n", key="retention", description="Last retention sweep")
+        return summary.as_dict()
     finally:
         ws.close()

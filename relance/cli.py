@@ -200,9 +200,7 @@ def retention(
     days = ws.config.privacy.retention_days
     if days is None:
         _fail("privacy.retention_days is not set in config.yaml: personal data is kept")
-    summary = expire_idle_prospects(ws.store, _now(at), days, dry_run=dry_run)
-    verb = "would be blanked" if dry_run else "blanked"
-    console.print(f"{summary.expired} prospect(s) idle since {summary.cutoff:%Y-%m-%d} ({days} days): personal data {verb}")
+    console.print(str(expire_idle_prospects(ws.store, _now(at), days, dry_run=dry_run)))
 
 
 @app.command()

@@ -114,15 +114,20 @@ def _hash_suppressions(conn: Connection, person: Mapping[str, Any], prospect_id:
 # --------------------------------------------------------------------------- retention
 @dataclass
 class RetentionSummary:
+    days: int
     cutoff: datetime
     expired: int = 0
     dry_run: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {"cutoff": self.cutoff.isoformat(), "expired": self.expired, "dry_run": self.dry_run}
+        return {"retention_days": self.days, "cutoff": self.cutoff.isoformat(), "expired": self.expired, "dry_run": self.dry_run}
+
+    def __str__(self) -> str:
+        done = "would be blanked" if self.dry_run else "blanked"
+        return f"{self.expired} prospect(s) idle since {self.cutoff:%Y-%m-%d} ({self.days} days): personal data {done}"
 
 
-def idle_since(cutoff: datetime) -> list[Any]:
+def _idle_since(cutoff: datetime) -> list[Any]:
     """Conditions on `prospects`: not erased, and nothing about them since `cutoff`: no import
     or change of their row, no cadence running or paused or changed, no event."""
     return [
@@ -139,8 +144,8 @@ def idle_since(cutoff: datetime) -> list[Any]:
 def expire_idle_prospects(store: Store, now: datetime, days: int, *, dry_run: bool = False, batch: int = 500) -> RetentionSummary:
     """Forget every prospect idle for `days`, a transaction per `batch`: a sweep over a large
     store neither holds a long lock nor loads it whole."""
-    summary = RetentionSummary(cutoff=now - timedelta(days=days), dry_run=dry_run)
-    idle = idle_since(summary.cutoff)
+    summary = RetentionSummary(days, cutoff=now - timedelta(days=days), dry_run=dry_run)
+    idle = _idle_since(summary.cutoff)
     after = 0
     while True:
         with store.begin() as conn:

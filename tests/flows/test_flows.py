@@ -115,7 +115,7 @@ def test_retention_flow_blanks_idle_prospects_and_says_so_in_an_artifact(root: P
         conn.execute(enrollments.update().values(state="completed", updated_at=at("2027-03-20T00:00:00")))
     ws.close()
     preview = retention(workspace=str(root), now=at("2027-05-01T00:00:00"), dry_run=True)
-    assert preview == {"cutoff": "2027-04-01T00:00:00+00:00", "expired": 2, "dry_run": True, "retention_days": 30}
+    assert preview == {"retention_days": 30, "cutoff": "2027-04-01T00:00:00+00:00", "expired": 2, "dry_run": True}
     state = retention(workspace=str(root), now=at("2027-05-01T00:00:00"), return_state=True)
     assert state.result()["expired"] == 2
     with get_client(sync_client=True) as client:
