@@ -25,6 +25,7 @@ from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import bindparam, case, func, insert, literal, null, or_, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from relance.calendar import zone_for
 from relance.channels import Capability, OutboundTouch, Sender, SendResult
@@ -37,7 +38,7 @@ from relance.planning import calendar_for, due_at, following, pick_variant, repl
 from relance.rendering import LINKEDIN_NOTE_LIMIT
 from relance.rules import apply as apply_rules, ends, finish_enrollments
 from relance.spec import Sequence, Step
-from relance.store import BulkInsert, BulkWrite, UTCDateTime, among, datetime_param, enrollments, events, prospects, tasks, touches
+from relance.store import BulkInsert, BulkWrite, UTCDateTime, among, datetime_param, enrollments, events, prospects, sender_locks, tasks, touches
 from relance.suppression import suppressed_ids
 from relance.tokens import UnsubscribeTokens, workspace_secret
 from relance.workspace import Workspace
@@ -169,15 +170,16 @@ class Dispatcher:
         self._clock: tuple[datetime, float] | None = None  # (a run's `now`, monotonic time it was first seen)
         self._claimed: dict[int, float] = {}  # a claimed batch's first id -> monotonic time of its leases
 
-    def capacity(self, conn: Any, now: datetime) -> "_Capacity":
-        """Rolling counts per sender, read from the touches once and then kept in memory for the
-        batches that follow: re-counting a week of touches per batch made a run quadratic. They
-        are re-read every CAPACITY_REFRESH_SECONDS so other workers' sends are seen."""
+    def capacity(self, now: datetime) -> "_Capacity":
+        """Rolling counts per sender, kept in memory for the batches that follow: re-counting a
+        week of touches per batch made a run quadratic. Each batch adds what other workers
+        sent meanwhile (`_Capacity.hold`); the whole week is counted again every
+        CAPACITY_REFRESH_SECONDS, for the touches that have left the windows or failed."""
         if self._capacity is not None:
             at, loaded, counts = self._capacity
             if at == now and time.monotonic() - loaded < CAPACITY_REFRESH_SECONDS:
                 return counts
-        counts = _Capacity(self.ws, conn, now)
+        counts = _Capacity(self.ws, now)
         self._capacity = (now, time.monotonic(), counts)
         return counts
 
@@ -511,7 +513,8 @@ class _Preparer:
         ):
             self.seen[e.enrollment_id].append((e.kind, e.step_id))
             self.details[e.enrollment_id].append((e.kind, e.detail))
-        self.capacity = self.d.capacity(conn, self.now)
+        self.capacity = self.d.capacity(self.now)
+        self.capacity.hold(conn, self.possible_senders(rows), self.d.owner)
         for row in rows:
             try:
                 self.decide(row)
@@ -570,16 +573,27 @@ class _Preparer:
         return self._manual[channel]
 
     def sender_for(self, row: Any, seq: Sequence, step: Step) -> Sender | None:
-        key = (step.channel == Channel.email, row.sender, seq.owner)
+        return self._sender(row.sender, seq, step.channel == Channel.email)
+
+    def possible_senders(self, rows: Seq[Any]) -> set[str]:
+        """Whoever may send a touch of these enrollments, whatever their next step's channel."""
+        found = set()
+        for name, sticky in {(row[1], row[3]) for row in rows}:  # (sequence, sender): a handful per batch
+            if seq := self.ws.sequences.get(name):
+                found.update(s.address for s in (self._sender(sticky, seq, True), self._sender(sticky, seq, False)) if s is not None)
+        return found
+
+    def _sender(self, sticky: str | None, seq: Sequence, email: bool) -> Sender | None:
+        key = (email, sticky, seq.owner)
         if key not in self._senders:
-            self._senders[key] = self._sender(row, seq, step)
+            self._senders[key] = self._identity(sticky, seq.owner, email)
         return self._senders[key]
 
-    def _sender(self, row: Any, seq: Sequence, step: Step) -> Sender | None:
-        if step.channel == Channel.email:
-            box = self.ws.config.mailbox(row.sender) if row.sender else None
+    def _identity(self, sticky: str | None, owner: str | None, email: bool) -> Sender | None:
+        if email:
+            box = self.ws.config.mailbox(sticky) if sticky else None
             return Sender(box.email, box.name, box.signature) if box else None
-        owner = seq.owner or row.sender or "unassigned"
+        owner = owner or sticky or "unassigned"
         box = self.ws.config.mailbox(owner)
         return Sender(owner, box.name if box else owner, box.signature if box else "")
 
@@ -744,18 +758,70 @@ class _Preparer:
         for key, ids in self.finished.items():
             kind, _, reason = key.partition("\x00")
             finish_enrollments(conn, self.ws, ids, kind, reason or kind, self.now)
+        self.capacity.counted(conn)
         for values, outbound, _ in self.new_touches:
             if outbound is not None:
                 self.batch.outbound.setdefault(outbound.channel, []).append(outbound)
 
 
 class _Capacity:
-    """Rolling-window counts per sender identity, loaded from the touches, then kept in memory."""
+    """Rolling-window counts per sender identity, kept in memory between batches and exact
+    across workers.
 
-    def __init__(self, ws: Workspace, conn: Any, now: datetime):
+    A batch first holds its senders (`hold`): their rows of `sender_locks`, locked until the
+    batch's touches are committed (FOR UPDATE on PostgreSQL; SQLite has one writer, taken
+    by the update), so no other worker writes a touch from them meanwhile. Holding, it
+    counts what it does not know yet: a sender's whole week the first time, then only the
+    touches others wrote since (ids above the last one it saw while holding that sender: a
+    later touch from that sender can only be written, and its id drawn, after the lock is
+    released). Its own takes are counted in memory as it decides (`take`), and `counted`
+    moves the marks past its own touches once they are written."""
+
+    def __init__(self, ws: Workspace, now: datetime):
         self.ws, self.now = ws, now
-        hour, day, week = now - timedelta(hours=1), now - timedelta(days=1), now - timedelta(days=7)
         self.counts: Counter[tuple[str, str, str, str]] = Counter()
+        # Emails per mailbox and recipient domain over the last day: a burst to one company's
+        # mail server is what gets a sending domain blocked.
+        self.domain_cap = ws.config.limits.email_per_recipient_domain_per_day
+        self.by_domain: Counter[tuple[str, str]] = Counter()
+        self.today = now.astimezone(zone_for(None, ws.config.timezone)).date()
+        self._budgets: dict[tuple[str, Channel, str], tuple[tuple[Any, ...], tuple[tuple[Any, int], ...]]] = {}
+        self.seen_up_to: dict[str, int] = {}  # sender -> the last touch id counted for it while held
+        self.held: tuple[str, ...] = ()
+
+    def hold(self, conn: Any, senders: set[str], owner: str) -> None:
+        self.held = tuple(sorted(senders))
+        if not self.held:
+            return
+        known = set(conn.scalars(select(sender_locks.c.sender).where(sender_locks.c.sender.in_(self.held))))
+        if new := [{"sender": sender} for sender in self.held if sender not in known]:  # in one order for every worker
+            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            conn.execute(dialect.insert(sender_locks).on_conflict_do_nothing(index_elements=["sender"]), new)
+        conn.execute(select(sender_locks.c.sender).where(sender_locks.c.sender.in_(self.held)).order_by(sender_locks.c.sender).with_for_update())
+        conn.execute(update(sender_locks).where(sender_locks.c.sender.in_(self.held)).values(held_by=owner, held_at=self.now))
+        top = conn.scalar(select(func.max(touches.c.id))) or 0
+        by_mark: dict[int, list[str]] = defaultdict(list)
+        for sender in self.held:
+            by_mark[self.seen_up_to.get(sender, -1)].append(sender)
+        for mark, group in by_mark.items():
+            if mark < 0:
+                self._count_week(conn, group)
+            else:
+                self._count_since(conn, set(group), mark)
+        self.seen_up_to.update(dict.fromkeys(self.held, top))
+
+    def counted(self, conn: Any) -> None:
+        """The batch's own touches are written (and were counted by `take`)."""
+        if self.held:
+            self.seen_up_to.update(dict.fromkeys(self.held, conn.scalar(select(func.max(touches.c.id))) or 0))
+
+    def _windows(self) -> tuple[datetime, datetime, datetime]:
+        return self.now - timedelta(hours=1), self.now - timedelta(days=1), self.now - timedelta(days=7)
+
+    def _count_week(self, conn: Any, senders: list[str]) -> None:
+        """The senders' week, counted in SQL (grouped on their index, not row by row)."""
+        hour, day, week = self._windows()
+        theirs = (touches.c.sender.in_(senders), touches.c.status.in_(COUNTED_STATUSES))
         rows = conn.execute(
             select(
                 touches.c.sender,
@@ -765,26 +831,36 @@ class _Capacity:
                 func.sum(_case(touches.c.created_at >= day)).label("d"),
                 func.count().label("w"),
             )
-            .where(touches.c.created_at >= week, touches.c.status.in_(COUNTED_STATUSES), touches.c.sender.is_not(None))
+            .where(touches.c.created_at >= week, *theirs)
             .group_by(touches.c.sender, touches.c.channel, touches.c.action)
         )
         for r in rows:
             for period, value in (("hour", r.h), ("day", r.d), ("week", r.w)):
-                self.counts[(r.sender, r.channel, r.action, period)] = int(value or 0)
-        # Emails per mailbox and recipient domain over the last day: a burst to one company's
-        # mail server is what gets a sending domain blocked.
-        self.domain_cap = ws.config.limits.email_per_recipient_domain_per_day
-        self.by_domain: Counter[tuple[str, str]] = Counter()
+                self.counts[(r.sender, r.channel, r.action, period)] += int(value or 0)
         if self.domain_cap is not None:
             domain = _domain_of(conn, touches.c.recipient)
             for sender, dom, n in conn.execute(
                 select(touches.c.sender, domain, func.count())
-                .where(touches.c.created_at >= day, touches.c.channel == "email", touches.c.status.in_(COUNTED_STATUSES), touches.c.sender.is_not(None))
+                .where(touches.c.created_at >= day, touches.c.channel == "email", *theirs)
                 .group_by(touches.c.sender, domain)
             ):
-                self.by_domain[(sender, (dom or "").lower())] = int(n)
-        self.today = now.astimezone(zone_for(None, ws.config.timezone)).date()
-        self._budgets: dict[tuple[str, Channel, str], tuple[tuple[Any, ...], tuple[tuple[Any, int], ...]]] = {}
+                self.by_domain[(sender, (dom or "").lower())] += int(n)
+
+    def _count_since(self, conn: Any, senders: set[str], after_id: int) -> None:
+        """The senders' touches written by others since `after_id`: a range of the primary key
+        (a handful of rows, none when this worker is alone), counted here."""
+        hour, day, week = self._windows()
+        for sender, channel, action, created_at, recipient in conn.execute(
+            select(touches.c.sender, touches.c.channel, touches.c.action, touches.c.created_at, touches.c.recipient)
+            .where(touches.c.id > after_id, touches.c.status.in_(COUNTED_STATUSES))
+        ):
+            if sender not in senders or created_at < week:
+                continue
+            for period, start in (("hour", hour), ("day", day), ("week", week)):
+                if created_at >= start:
+                    self.counts[(sender, channel, action, period)] += 1
+            if self.domain_cap is not None and channel == "email" and created_at >= day and recipient:
+                self.by_domain[(sender, recipient.rpartition("@")[2].lower())] += 1
 
     def budget(self, sender: str, step: Step) -> tuple[tuple[Any, ...], tuple[tuple[Any, int], ...]]:
         """The counters a send from `sender` on this step adds to, and (counter, limit) for the

@@ -249,6 +249,17 @@ mailbox_cursors = Table(
     Column("updated_at", UTCDateTime, nullable=False),
 )
 
+sender_locks = Table(
+    "sender_locks",
+    metadata,
+    # One row per sender identity (a mailbox, a LinkedIn or phone owner). A dispatch batch
+    # holds its senders' rows from the moment it counts their capacity until its touches are
+    # committed, so two workers never spend the same capacity (relance.dispatch._Capacity).
+    Column("sender", String(320), primary_key=True),
+    Column("held_by", String(100)),
+    Column("held_at", UTCDateTime),
+)
+
 DEFAULT_URL = "sqlite:///relance.db"
 
 

@@ -242,6 +242,63 @@ def test_capacity_limit_defers_instead_of_failing(backend: str, tmp_path: Path):
     ws.close()
 
 
+def test_two_workers_never_spend_the_same_capacity(backend: str, tmp_path: Path):
+    """Worker B counted its senders' capacity, then worker A sent from them: B's next batch,
+    moments later, must see A's sends and not its own stale count."""
+    root = write_workspace(tmp_path / "ws", database_url(backend, tmp_path), daily=2)
+    ws_a, ws_b = Workspace.load(root), Workspace.load(root)
+    try:
+        ids = add_prospects(ws_a, *[person(i) for i in range(12)])
+        enroll(ws_a, ws_a.sequence("outbound"), ids, MONDAY)
+        now = at("2027-03-15T09:00:00")
+        a, b = Dispatcher(ws_a, owner="worker-a"), Dispatcher(ws_b, owner="worker-b")
+
+        def batch(worker: Dispatcher, limit: int) -> int:
+            prepared = worker.prepare(worker.claim(now, limit=limit), now)
+            return sum(sum(worker.deliver(channel, outbound, now).sent.values()) for channel, outbound in prepared.outbound.items())
+
+        # B counts the mailboxes' day and spends some of it, A spends more: B's last batch
+        # must see A's sends, not its own count of a moment ago.
+        sent = [batch(b, 2), batch(a, 4), batch(b, 12)]
+        assert sent[0] >= 1 and sent[1] >= 1 and sum(sent) == 4  # two mailboxes, two a day each
+        with ws_a.store.connect() as conn:
+            per_sender = dict(conn.execute(select(touches.c.sender, func.count()).where(touches.c.status == "sent").group_by(touches.c.sender)).all())
+        assert per_sender == {"marie@acme.example": 2, "lea@acme.example": 2}
+    finally:
+        ws_a.close()
+        ws_b.close()
+
+
+def test_workers_dispatching_at_once_stay_under_every_cap(backend: str, tmp_path: Path):
+    root = write_workspace(tmp_path / "ws", database_url(backend, tmp_path), daily=5, batch=7)
+    workspaces = [Workspace.load(root) for _ in range(3)]
+    try:
+        ids = add_prospects(workspaces[0], *[person(i) for i in range(40)])
+        enroll(workspaces[0], workspaces[0].sequence("outbound"), ids, MONDAY)
+        start = threading.Barrier(len(workspaces))
+        errors: list[BaseException] = []
+
+        def work(ws: Workspace, name: str) -> None:
+            try:
+                start.wait()
+                Dispatcher(ws, owner=name).run(at("2027-03-15T09:00:00"))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(ws, f"worker-{i}")) for i, ws in enumerate(workspaces)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        with workspaces[0].store.connect() as conn:
+            per_sender = dict(conn.execute(select(touches.c.sender, func.count()).where(touches.c.status == "sent").group_by(touches.c.sender)).all())
+        assert per_sender == {"marie@acme.example": 5, "lea@acme.example": 5}  # 40 due, 5 a day each
+    finally:
+        for ws in workspaces:
+            ws.close()
+
+
 def _with_config(root: Path, **changes) -> Path:
     import yaml
 
