@@ -262,12 +262,15 @@ _SCHEMA = (
     # Only what is still to deliver is indexed, so a poll costs O(due), whatever was delivered before.
     "CREATE INDEX IF NOT EXISTS responses_pending ON responses (channel, due_at, id) WHERE delivered = 0",
     "CREATE TABLE IF NOT EXISTS attempts (key TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+    # How far each outbox .jsonl is covered by committed acceptances (see _Sandbox._recover).
+    "CREATE TABLE IF NOT EXISTS outbox_files (name TEXT PRIMARY KEY, size INTEGER NOT NULL)",
 )
 _UNDRAWN_INDEX = "CREATE INDEX IF NOT EXISTS accepted_undrawn ON accepted (channel) WHERE drawn = 0"
 _ACCEPT = (
     "INSERT INTO accepted (key, provider_message_id, channel, action, touch_id, recipient, message_id, sent_at, drawn)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)"
 )
+_RECOVER = _ACCEPT.replace("INSERT INTO", "INSERT OR IGNORE INTO")
 
 
 class _Sent(NamedTuple):
@@ -431,6 +434,7 @@ class _Sandbox(BaseConnector, ABC):
         sent_at = _iso(now)
         if prepared:
             with self._transaction() as conn:
+                self._recover(conn)
                 raced = self._accepted(conn, list(prepared))  # another process may have sent them meanwhile
                 known.update(raced)
                 fresh = [k for k in prepared if k not in raced]
@@ -440,8 +444,46 @@ class _Sandbox(BaseConnector, ABC):
                 accepted = {k: pmids[k] for k in todo}
                 self._record([(first[k], accepted[k], prepared[k]) for k in todo], now)
                 conn.executemany(_ACCEPT, [self._accepted_row(first[k], pmid, sent_at) for k, pmid in accepted.items()])
+                self._covered(conn)
                 known.update(accepted)
         return [self._result(t, known, errors) for t in touches]
+
+    def _jsonl(self) -> Path | None:
+        """The outbox file this channel appends a line per message to (None: a file each)."""
+        return self.outbox / f"{self.channel.value}.jsonl"
+
+    def _recover(self, conn: sqlite3.Connection) -> None:
+        """Lines of a send that died between writing the outbox and committing its acceptance
+        (killed, or its transaction failed): those messages went out, so they are accepted now
+        from their lines, and a resend of their keys is answered instead of written again.
+        They are whatever the file holds past the size the last committed send left."""
+        path = self._jsonl()
+        if path is None or not path.exists():
+            return
+        size = path.stat().st_size
+        covered = conn.execute("SELECT size FROM outbox_files WHERE name = ?", (path.name,)).fetchone()
+        start = covered[0] if covered else 0
+        if size > start:
+            with path.open("rb") as fh:
+                fh.seek(start)
+                tail = fh.read(size - start)
+            rows = []
+            for raw in tail.splitlines():
+                try:
+                    line = json.loads(raw)
+                    key = line["idempotency_key"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by the crash: that message never fully went out
+                rows.append((key, provider_message_id(key), self.channel.value, line.get("action"), line.get("touch_id"),
+                             line.get("recipient"), line.get("message_id"), line.get("at")))  # fmt: skip
+            conn.executemany(_RECOVER, rows)
+        if size != start:
+            self._covered(conn)
+
+    def _covered(self, conn: sqlite3.Connection) -> None:
+        if (path := self._jsonl()) is not None:
+            size = path.stat().st_size if path.exists() else 0
+            conn.execute("INSERT INTO outbox_files (name, size) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET size = excluded.size", (path.name, size))
 
     @staticmethod
     def _accepted_row(t: OutboundTouch, pmid: str, sent_at: str) -> tuple[Any, ...]:
@@ -641,6 +683,9 @@ class SandboxEmail(_Sandbox):
     def _prepare_outbox(self) -> None:
         if self.settings.email_record == "eml":
             (self.outbox / "email").mkdir(exist_ok=True)
+
+    def _jsonl(self) -> Path | None:
+        return super()._jsonl() if self.settings.email_record == "jsonl" else None  # eml: a file per key, rewritten on a resend
 
     def _prepare(self, t: OutboundTouch, now: datetime) -> Any:
         if self.settings.email_record == "jsonl":

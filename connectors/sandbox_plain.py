@@ -31,6 +31,9 @@ class SandboxPlainEmail(SandboxEmail):
                 conn.execute(f"DELETE FROM accepted WHERE key IN ({','.join('?' * len(chunk))})", chunk)
         return super()._send(touches, now)
 
+    def _jsonl(self) -> None:
+        return None  # nothing to recover: it remembers nothing it accepted
+
     def _record(self, items: list[tuple[OutboundTouch, str, Any]], now: datetime) -> None:
         if self.settings.email_record == "jsonl":  # a resend is a second line already
             return super()._record(items, now)

@@ -27,6 +27,7 @@ from connectors.sandbox import (
     SandboxEmail,
     SandboxLinkedIn,
     SandboxSettings,
+    provider_message_id,
     sign_webhook,
 )
 from relance.channels import InboundEvent, OutboundTouch, Sender
@@ -233,6 +234,33 @@ def test_resending_an_accepted_key_returns_the_same_id_and_writes_nothing(tmp_pa
     again.poll(NOW)
     assert rows(tmp_path, "SELECT count(*) FROM responses")[0][0] == scheduled
     assert rows(tmp_path, "SELECT count(*) FROM accepted")[0][0] == 5
+
+
+@pytest.mark.parametrize(("cls", "touch", "settings"), [
+    (SandboxLinkedIn, lambda i: linkedin_touch(i, "invite"), {}),
+    (SandboxEmail, email_touch, {"email_record": "jsonl"}),
+])  # fmt: skip
+def test_a_send_that_died_after_writing_its_lines_is_not_written_again(tmp_path, monkeypatch, cls, touch, settings):
+    """The lines went out, the acceptance never committed (the process died in between): the
+    resend after the restart answers those keys from their lines instead of writing them twice."""
+    outbox = tmp_path / "outbox" / f"{cls.channel.value}.jsonl"
+    make(cls, tmp_path, **settings).send_batch([touch(0)], NOW)
+    dying = make(cls, tmp_path, **settings)
+    monkeypatch.setattr(dying, "_accepted_row", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(TransientError):
+        dying.send_batch([touch(1), touch(2)], NOW)
+    monkeypatch.undo()
+    assert len(outbox.read_text().splitlines()) == 3  # out, but not accepted
+    with outbox.open("ab") as fh:
+        fh.write(b'{"at": "2027-03-15T09:00:0')  # and a line torn by the kill
+
+    restarted = make(cls, tmp_path, **settings)
+    results = restarted.send_batch([touch(1), touch(2), touch(3)], NOW)
+    assert all(r.error is None for r in results)
+    assert [r.provider_message_id for r in results] == [provider_message_id(touch(i).idempotency_key) for i in (1, 2, 3)]
+    keys = [json.loads(line)["idempotency_key"] for line in outbox.read_text().splitlines() if line.startswith('{"at":"')]
+    assert sorted(keys) == sorted(touch(i).idempotency_key for i in range(4))  # each once
+    assert rows(tmp_path, "SELECT count(*) FROM accepted")[0][0] == 4
 
 
 def test_a_key_twice_in_one_batch_is_sent_once(tmp_path):
