@@ -487,6 +487,7 @@ class _Preparer:
         self.events: list[dict[str, Any]] = []
         self._manual: dict[Channel, bool] = {}
         self._senders: dict[tuple[bool, str | None, str | None], Sender | None] = {}
+        self._sender_vars: dict[Sender, dict[str, str]] = {}
         self.unsubscribe_base = f"{self.ws.config.web.base_url.rstrip('/')}/u/"
 
     def run(self, ids: list[int]) -> None:
@@ -575,6 +576,12 @@ class _Preparer:
     def sender_for(self, row: Any, seq: Sequence, step: Step) -> Sender | None:
         return self._sender(row.sender, seq, step.channel == Channel.email)
 
+    def sender_vars(self, sender: Sender) -> dict[str, str]:
+        """What templates see of a sender: one dict per sender, shared by its touches."""
+        if sender not in self._sender_vars:
+            self._sender_vars[sender] = {"name": sender.name, "email": sender.address, "signature": sender.signature}
+        return self._sender_vars[sender]
+
     def possible_senders(self, rows: Seq[Any]) -> set[str]:
         """Whoever may send a touch of these enrollments, whatever their next step's channel."""
         found = set()
@@ -602,9 +609,13 @@ class _Preparer:
         variant = pick_variant(step.email.variants, seq.name, step.id, prospect["id"]) if step.email else None
         template, subject_override = step_templates(step, variant)
         thread = _thread(step, history)
-        unsubscribe_url = f"{self.unsubscribe_base}{self.d.tokens.make(prospect['id'], row.id)}"
-        sender_vars = {"name": sender.name, "email": sender.address, "signature": sender.signature}
-        context = touch_context(self.ws.config, seq, step, prospect, sender_vars, unsubscribe_url)
+        # Signed per prospect: made for an email (its List-Unsubscribe header), for another
+        # channel only if its template shows the link.
+        if step.email or (template is not None and self.ws.renderer.uses(template, "unsubscribe_url")):
+            unsubscribe_url = f"{self.unsubscribe_base}{self.d.tokens.make(prospect['id'], row.id)}"
+        else:
+            unsubscribe_url = None
+        context = touch_context(self.ws.config, seq, step, prospect, self.sender_vars(sender), unsubscribe_url)
         nxt = following(seq, step.id)
         # The touch row, complete, in one dict that is also the outbound touch's metadata:
         # a batch builds thousands of them.

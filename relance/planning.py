@@ -127,7 +127,7 @@ def pick_variant(variants: Seq[Variant], seq_name: str, step_id: str, prospect_i
 
 
 def touch_context(
-    config: Config, seq: Sequence, step: Step, prospect: Mapping[str, Any], sender: Mapping[str, str], unsubscribe_url: str
+    config: Config, seq: Sequence, step: Step, prospect: Mapping[str, Any], sender: Mapping[str, str], unsubscribe_url: str | None
 ) -> dict[str, Any]:
     """The variables a template sees; validate, preview and dispatch all render with this.
 
@@ -136,7 +136,7 @@ def touch_context(
     change them for the next one."""
     return {
         "prospect": prospect if type(prospect) is dict else dict(prospect),
-        "sender": {"name": sender.get("name", ""), "email": sender.get("email", ""), "signature": sender.get("signature", "")},
+        "sender": _shared(sender, lambda s: {"name": s.get("name", ""), "email": s.get("email", ""), "signature": s.get("signature", "")}),
         "company": _shared(config.company, lambda c: c.model_dump()),
         "unsubscribe_url": unsubscribe_url,
         "sequence": _shared(seq, lambda q: {"name": q.name, "description": q.description, "owner": q.owner, "language": q.language, "kind": q.kind}),

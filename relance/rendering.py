@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound, TemplateSyntaxError
+from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound, TemplateSyntaxError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from relance.errors import RenderError
@@ -65,6 +65,7 @@ class Renderer:
         self.env.filters["one_line"] = one_line
         self._split: dict[str, tuple[Any, Any]] = {}
         self._subjects: dict[str, Any] = {}
+        self._uses: dict[tuple[str, str], bool] = {}
 
     def _compiled(self, name: str) -> tuple[Any, Any]:
         """(subject template or None, body template), from the file's source."""
@@ -99,6 +100,18 @@ class Renderer:
         except Exception as exc:  # a filter or a value blew up on this prospect's data
             raise RenderError(f"{name}: {type(exc).__name__}: {exc}") from None
         return Rendered(subject=one_line(subject) if subject is not None else None, body=body)
+
+    def uses(self, name: str, variable: str) -> bool:
+        """Whether the template may read `variable`: it names it, or it includes, imports or
+        extends another template (which might)."""
+        key = (name, variable)
+        if key not in self._uses:
+            try:
+                ast = self.env.parse(self.source(name))
+            except (TemplateNotFound, TemplateSyntaxError):
+                return True  # render() reports the file's error
+            self._uses[key] = variable in meta.find_undeclared_variables(ast) or any(True for _ in meta.find_referenced_templates(ast))
+        return self._uses[key]
 
     def _subject(self, source: str) -> Any:
         """A step's or variant's subject, compiled once (compiling costs 40x rendering)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from datetime import timedelta
@@ -696,3 +697,25 @@ def test_a_batch_is_renewed_by_the_age_of_its_own_leases_not_the_last_claim(back
         assert seen == [now + timedelta(seconds=200) + lease]
     finally:
         ws.close()
+
+
+def test_an_opt_out_link_is_signed_for_emails_and_templates_that_show_it(backend: str, tmp_path: Path, monkeypatch):
+    from relance.tokens import UnsubscribeTokens
+
+    invite = "Bonjour {{ prospect.first_name }}. Ne plus être contacté : {{ unsubscribe_url }}"
+    root = write_workspace(tmp_path / "ws", database_url(backend, tmp_path), templates={"linkedin/invite.j2": invite})
+    signed = []
+    make = UnsubscribeTokens.make
+    monkeypatch.setattr(UnsubscribeTokens, "make", lambda self, *a: signed.append(a) or make(self, *a))
+    ws = Workspace.load(root)
+    [pid] = add_prospects(ws, person(1))
+    enroll(ws, ws.sequence("outbound"), [pid], MONDAY)
+    run_until(ws, MONDAY, at("2027-03-17T18:00:00"))  # intro Monday, invite Tuesday, call Wednesday
+    assert [t.step_id for t in touch_rows(ws, status="sent")] == ["intro", "invite", "call-1"]
+    eid = enrollment(ws, pid).id
+    # The email (its List-Unsubscribe header) and the invitation that shows the link; not the call.
+    assert signed == [(pid, eid), (pid, eid)]
+    [line] = (ws.root / "outbox" / "linkedin.jsonl").read_text().splitlines()
+    token = re.search(r"https://links\.acme\.example/u/(\S+)", json.loads(line)["body"]).group(1)
+    assert Dispatcher(ws).tokens.read(token) == (pid, eid)
+    ws.close()
