@@ -276,6 +276,7 @@ class Dispatcher:
         summary = DispatchSummary()
         for start in range(0, len(outbound), size):
             summary.merge(self._deliver(connector, channel, outbound[start : start + size], now))
+        self.store.checkpoint_in_background()
         return summary
 
     def _deliver(self, connector: Any, channel: Channel, outbound: list[OutboundTouch], now: datetime) -> DispatchSummary:

@@ -120,3 +120,61 @@ def test_among_matches_ids_and_keys_whatever_they_hold(store):
         assert conn.scalars(select(prospects.c.id).where(among(conn, prospects.c.id, []))).all() == []
         assert sorted(conn.scalars(select(suppressions.c.value).where(among(conn, suppressions.c.value, values)))) == sorted(values)
         assert conn.scalars(select(suppressions.c.value).where(among(conn, suppressions.c.value, []))).all() == []
+
+
+def _alive_checkpointers() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "relance-wal-checkpoint"]
+
+
+def test_a_background_checkpoint_copies_the_wal_into_the_database_file(tmp_path):
+    """Read the database file alone (a copy without its WAL): the rows are there once the
+    background checkpoint ran, while the writer's connection is still open."""
+    import shutil
+    import sqlite3
+    import time
+
+    from relance.store import Store
+
+    s = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    with s.begin() as conn:
+        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        conn.exec_driver_sql("INSERT INTO t (x) VALUES (?)", [(i,) for i in range(5000)])
+
+    def rows_in_the_file_alone() -> int:
+        shutil.copyfile(tmp_path / "r.db", tmp_path / "copy.db")
+        with sqlite3.connect(tmp_path / "copy.db") as copy:
+            try:
+                return copy.execute("SELECT count(*) FROM t").fetchone()[0]
+            except sqlite3.OperationalError:  # the table itself is still only in the WAL
+                return 0
+
+    assert rows_in_the_file_alone() == 0  # under the auto-checkpoint threshold: all in the WAL
+    s.checkpoint_in_background()
+    deadline = time.monotonic() + 10
+    while rows_in_the_file_alone() != 5000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rows_in_the_file_alone() == 5000
+    assert len(_alive_checkpointers()) == 1
+    s.dispose()
+    assert _alive_checkpointers() == []
+    assert not (tmp_path / "r.db-wal").exists()  # the last close still checkpointed and removed it
+    # A disposed store opens again, and checkpoints again.
+    with s.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO t (x) VALUES (?)", [(i,) for i in range(10)])
+    s.checkpoint_in_background()
+    s.dispose()
+    with sqlite3.connect(tmp_path / "r.db") as check:
+        assert check.execute("SELECT count(*) FROM t").fetchone()[0] == 5010
+
+
+def test_background_checkpoints_are_for_sqlite_files_only(store):
+    from relance.store import Store
+
+    memory = Store("sqlite://")
+    memory.checkpoint_in_background()
+    assert memory._checkpointer is None
+    memory.dispose()
+    store.checkpoint_in_background()
+    assert (store._checkpointer is None) is store.is_postgres
