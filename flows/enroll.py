@@ -28,7 +28,9 @@ def enroll(
         seq = ws.sequence(sequence)
         result: dict[str, Any] = {}
         if csv_file:
-            imported = import_csv(ws.store, Path(csv_file), now=now, default_country=ws.config.country, default_timezone=ws.config.timezone)
+            imported = import_csv(
+                ws.store, Path(csv_file), now=now, default_country=ws.config.country, default_timezone=ws.config.timezone, workers=None
+            )
             result["imported"] = imported.imported
             result["updated"] = imported.updated
             result["rejected"] = [f"line {r.row_number}: {r.reason}" for r in imported.rejected]

@@ -120,7 +120,7 @@ def import_(
         job = bar.add_task("import", total=total_lines)
         report = import_csv(
             ws.store, path, now=now, default_country=ws.config.country, default_timezone=ws.config.timezone,
-            progress=lambda n: bar.update(job, completed=n),
+            progress=lambda n: bar.update(job, completed=n), workers=None,
         )
     console.print(
         f"{path.name}: [green]{report.imported} imported[/], {report.updated} updated, "

@@ -10,11 +10,16 @@ those characters (rendering never compiles prospect values).
 from __future__ import annotations
 
 import csv
+import json
+import multiprocessing
+import os
 import re
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -23,13 +28,13 @@ from zoneinfo import available_timezones
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 from phonenumbers import timezone as phone_timezones
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, IntegrityError
 
 from relance.errors import ProspectError
 from relance.privacy import identities
-from relance.store import Store, prospects, suppressions
+from relance.store import BulkInsert, Store, datetime_param, prospects, suppressions
 from relance.suppression import ERASED, HASHED_KINDS, among, fold_name, hash_identifier, phone_identity
 
 # ---------------------------------------------------------------------------------------------
@@ -52,6 +57,9 @@ _FIELD_OF = {alias: name for name, aliases in _ALIASES.items() for alias in alia
 IDENTIFIERS = ("email", "linkedin_url", "phone")
 _TEXT_FIELDS = ("first_name", "last_name", "company", "title")
 _MAX_LEN = {c.name: c.type.length for c in prospects.columns if getattr(c.type, "length", None)}
+# What a row gives a new prospect, then its attributes, source and times.
+_GIVEN = ("email", "first_name", "last_name", "company", "account_key", "title", "phone", "linkedin_url", "timezone", "country", "language")
+INSERT_PROSPECTS = BulkInsert("prospects", (*_GIVEN, "attributes", "source", "created_at", "updated_at"))
 
 
 _fold = fold_name  # accent- and case-insensitive: `Prénom`, `PRENOM` and `prenom` are one header
@@ -465,12 +473,17 @@ def import_csv(
     default_timezone: str = "Europe/Paris",
     progress: Callable[[int], None] | None = None,
     batch_size: int = 1000,
+    workers: int | None = 0,
 ) -> ImportReport:
     """Import a prospect file; `progress` receives the number of data rows read so far.
 
     A broken row is rejected with its file line and column and the rest goes in. Each batch
     commits on its own, so an interrupted import resumes by running it again: matching
     prospects are updated, never duplicated. Prospects erased on request are not re-created.
+    `workers` processes validate the rows: 0, this one; None, as many as the file's size and
+    the machine's cores make worth starting. They are started by `spawn`, which imports the
+    caller's main module again: a script that passes None needs the `if __name__ ==
+    "__main__":` guard (the `relance` command and Prefect's entry points have it).
     """
     path = Path(path)
     try:
@@ -494,38 +507,17 @@ def import_csv(
                 file=str(path),
                 line=1,
             )
+        check = partial(_check_chunk, tuple(header), default_country, default_timezone)
+        if workers is None:
+            workers = _workers_for(path)
         batch: list[_Row] = []
         rows_read = 0
-        while True:
-            line = reader.line_num + 1  # where the next record starts; quoted fields may span lines
-            try:
-                values = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as exc:
-                rows_read += 1
-                state.reject(line, {}, f"unreadable CSV row: {exc}", None)
-                if reader.line_num < line:
-                    break
-                continue
-            if not any(v.strip() for v in values):
-                continue  # blank line
+        for result in _checked(_chunks(_records(reader)), check, workers):
             rows_read += 1
-            raw = dict(zip(header, values))
-            for h in header[len(values) :]:
-                raw[h] = ""
-            if any(v.strip() for v in values[len(header) :]):
-                state.reject(line, raw, f"{len(values)} values but {len(header)} columns in the header", None)
+            if isinstance(result, Rejection):
+                state.report.rejected.append(result)
                 continue
-            if any("\ufffd" in v for v in values):
-                state.reject(line, raw, "characters that are not valid UTF-8: save the file as UTF-8", None)
-                continue
-            try:
-                normalised, derived = _normalise(raw, cols, default_country, default_timezone)
-            except ProspectError as exc:
-                state.reject(line, raw, exc.detail, exc.key)
-                continue
-            row = _Row(line, raw, normalised, derived)
+            row = result
             if state.seen(row):
                 state.report.duplicates += 1
                 continue
@@ -540,6 +532,98 @@ def import_csv(
         if progress:
             progress(rows_read)
     return state.report
+
+
+# Validating a row (email_validator, phonenumbers: pure Python) is most of an import's CPU.
+# In a large file it is done by worker processes, a chunk of records at a time and handed
+# back in file order, while this process reads ahead and writes the batches: the machine's
+# other cores share the work. A small file is checked here: starting a worker (importing
+# this module) costs about half a second.
+_CHUNK_ROWS = 2000
+_PARALLEL_FROM_BYTES = 4 << 20  # about 40,000 rows
+
+
+def _workers_for(path: Path) -> int:
+    cores = os.cpu_count() or 1
+    if cores < 2 or path.stat().st_size < _PARALLEL_FROM_BYTES:
+        return 0
+    return min(cores - 1, 3)
+
+
+def _records(reader: Iterator[list[str]]) -> Iterator[tuple[int, list[str] | str]]:
+    """(file line, values) per non-blank record, (file line, why) for an unreadable one."""
+    while True:
+        line = reader.line_num + 1  # where the next record starts; quoted fields may span lines
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield line, f"unreadable CSV row: {exc}"
+            if reader.line_num < line:
+                return
+            continue
+        if any(v.strip() for v in values):
+            yield line, values
+
+
+def _chunks(records: Iterator[Any]) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) >= _CHUNK_ROWS:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _check_chunk(
+    header: tuple[str, ...], default_country: str, default_timezone: str, records: list[tuple[int, list[str] | str]]
+) -> list[_Row | Rejection]:
+    """Each record as a row ready to write, or its rejection: in this process or a worker."""
+    cols = _columns(header)
+    out: list[_Row | Rejection] = []
+    for line, values in records:
+        if isinstance(values, str):
+            out.append(Rejection(line, values, None, {}))
+            continue
+        raw = dict(zip(header, values))
+        for h in header[len(values) :]:
+            raw[h] = ""
+        if any(v.strip() for v in values[len(header) :]):
+            out.append(Rejection(line, f"{len(values)} values but {len(header)} columns in the header", None, raw))
+            continue
+        if any("\ufffd" in v for v in values):
+            out.append(Rejection(line, "characters that are not valid UTF-8: save the file as UTF-8", None, raw))
+            continue
+        try:
+            normalised, derived = _normalise(raw, cols, default_country, default_timezone)
+        except ProspectError as exc:
+            out.append(Rejection(line, exc.detail, exc.key, raw))
+            continue
+        out.append(_Row(line, raw, normalised, derived))
+    return out
+
+
+def _checked(chunks: Iterator[list[Any]], check: Callable[[list[Any]], list[Any]], workers: int) -> Iterator[Any]:
+    """check(chunk) for every chunk, results in order; with workers, a few chunks ahead."""
+    if workers <= 0:
+        for chunk in chunks:
+            yield from check(chunk)
+        return
+    # spawn: a fork of a process with threads (Prefect's, a web server's) may deadlock
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pending: deque[Future[list[Any]]] = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(check, chunk))
+            if len(pending) > 2 * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Import:
@@ -621,7 +705,7 @@ class _Import:
                 continue
             pid = id_email or id_linkedin or found.by_phone.get(row.phone_key)
             if pid is None:
-                inserts.append({**v, "source": self.source, "created_at": self.now, "updated_at": self.now})
+                inserts.append(v)
                 out.imported += 1
                 accepted.append((row, None))
             elif pid in self.touched or pid in out.touched:
@@ -638,10 +722,13 @@ class _Import:
             conn.execute(update(prospects).where(prospects.c.id == bindparam("_id")), updates)
         new = _Matches()
         if inserts:
-            # A plain executemany, which psycopg pipelines; then one SELECT reads the new ids.
-            # INSERT..RETURNING costs more: psycopg parses its 15,000-parameter statements
-            # slowly (3x slower on PostgreSQL), and SQLite inserts row by row to keep the order.
-            conn.execute(insert(prospects), inserts)
+            # COPY on PostgreSQL, driver executemany on SQLite; then one SELECT reads the new
+            # ids. SQLAlchemy's executemany spent longer building and binding parameters than
+            # the database took to write; INSERT..RETURNING costs more still (psycopg parses
+            # its 15,000-parameter statements slowly, SQLite inserts row by row to keep order).
+            at = datetime_param(conn.dialect)
+            now = at(self.now)
+            INSERT_PROSPECTS.run(conn, [(*(v[c] for c in _GIVEN), json.dumps(v["attributes"]), self.source, now, now) for v in inserts])
             new = _Matches.lookup(conn, [row for row, pid in accepted if pid is None], full=False)
         out.ids = [pid if pid is not None else new.id_of(row) for row, pid in accepted]
         return out

@@ -11,6 +11,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeDecorator
 
 metadata = MetaData(
@@ -368,7 +370,9 @@ class _WalCheckpointer:
                     return
                 try:
                     if conn is None:
-                        conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+                        # mode=rw: a database removed meanwhile is not created again, empty
+                        uri = f"file:{urllib.parse.quote(self.path)}?mode=rw"
+                        conn = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False)
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error:
                     pass  # only ever early: the next auto-checkpoint or the last close does it
@@ -385,7 +389,7 @@ class Store:
         self.engine = make_engine(url)
         self.is_postgres = self.engine.dialect.name == "postgresql"
         database = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
-        self._wal_path = database if database and database != ":memory:" and "mode=memory" not in database else None
+        self._wal_path = database if database and database != ":memory:" and not database.startswith("file:") else None
         self._checkpointer: _WalCheckpointer | None = None
         self._checkpointer_lock = threading.Lock()
         if migrate:
@@ -476,9 +480,14 @@ class BulkInsert:
             return
         names = ", ".join(self.columns)
         if conn.dialect.name == "postgresql":
-            with conn.connection.cursor() as cursor, cursor.copy(f"COPY {self.table} ({names}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
+            statement = f"COPY {self.table} ({names}) FROM STDIN"
+            dbapi_error = conn.dialect.loaded_dbapi.Error
+            try:
+                with conn.connection.cursor() as cursor, cursor.copy(statement) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+            except dbapi_error as exc:  # as SQLAlchemy raises for its own statements: IntegrityError...
+                raise DBAPIError.instance(statement, None, exc, dbapi_error, dialect=conn.dialect) from exc
         else:
             conn.exec_driver_sql(f"INSERT INTO {self.table} ({names}) VALUES ({', '.join('?' * len(self.columns))})", list(rows))
 

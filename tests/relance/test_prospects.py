@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, insert, select
 
+from relance import prospects as prospects_module
 from relance.errors import ProspectError
 from relance.privacy import erase_prospect
 from relance.prospects import (
@@ -77,8 +78,17 @@ def test_french_headers_with_accents_and_semicolons(store: Store, tmp_path: Path
     )
 
 
+@pytest.fixture(params=[0, 1], ids=["here", "worker"])
+def workers(request, monkeypatch) -> int:
+    """Rows validated in this process, or by a worker process two records at a time (so
+    results come back over several chunks that must stay in file order)."""
+    if request.param:
+        monkeypatch.setattr(prospects_module, "_CHUNK_ROWS", 2)
+    return request.param
+
+
 def test_broken_rows_are_reported_by_file_line_and_column_and_the_rest_imported(
-    store: Store, tmp_path: Path
+    store: Store, tmp_path: Path, workers: int
 ) -> None:
     path = write(
         tmp_path,
@@ -96,7 +106,7 @@ def test_broken_rows_are_reported_by_file_line_and_column_and_the_rest_imported(
         "ok8@acme.fr,Ian,I,,,,shifted\n"  # 12: one value too many, the columns are off
         "ok9@acme.fr,Jo\n",  # 13: missing trailing values are empty
     )
-    report = import_csv(store, path, now=NOW)
+    report = import_csv(store, path, now=NOW, workers=workers)
     assert rejected(report) == [
         (3, "email"),
         (4, "phone"),
@@ -117,14 +127,14 @@ def test_broken_rows_are_reported_by_file_line_and_column_and_the_rest_imported(
     assert set(by_email(store)) == {"ok1@acme.fr", "ok7@acme.fr", "ok9@acme.fr"}
 
 
-def test_hostile_fields_stay_inert_data_and_lines_count_multiline_records(store: Store, tmp_path: Path) -> None:
+def test_hostile_fields_stay_inert_data_and_lines_count_multiline_records(store: Store, tmp_path: Path, workers: int) -> None:
     path = write(
         tmp_path,
         "email,first_name,last_name,company,notes\r\n"
         '"a@acme.fr","Jean\r\nBcc: victim@example.org","Du\x00pont\t","{{ 7*7 }} {% raw %}","line1\nline2"\r\n'
         "broken,X,Y,Z,W\r\n",
     )
-    report = import_csv(store, path, now=NOW)
+    report = import_csv(store, path, now=NOW, workers=workers)
     assert report.imported == 1
     assert rejected(report) == [(5, "email")]  # the first record spans lines 2 to 4
     jean = by_email(store)["a@acme.fr"]
@@ -279,6 +289,16 @@ def test_unreadable_files_raise_with_the_file_name(store: Store, tmp_path: Path)
     with pytest.raises(ProspectError, match="names.csv.*no email, LinkedIn or phone column"):
         import_csv(store, write(tmp_path, "first_name,last_name\nJean,Dupont\n", name="names.csv"), now=NOW)
     assert all_prospects(store) == []
+
+
+def test_large_files_are_validated_by_one_worker_per_other_core(tmp_path: Path, monkeypatch) -> None:
+    from relance.prospects import _PARALLEL_FROM_BYTES, _workers_for
+
+    small, large = write(tmp_path, "email\na@acme.fr\n", name="small.csv"), tmp_path / "large.csv"
+    large.write_bytes(b"x" * _PARALLEL_FROM_BYTES)
+    for cores, expected in ((1, 0), (2, 1), (4, 3), (16, 3)):
+        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+        assert (_workers_for(small), _workers_for(large)) == (0, expected)
 
 
 def test_import_never_removes_a_suppression(store: Store, tmp_path: Path) -> None:
