@@ -137,6 +137,8 @@ def test_a_background_checkpoint_copies_the_wal_into_the_database_file(tmp_path)
 
     from relance.store import Store
 
+    tmp_path = tmp_path / "a dir %20 é"  # the checkpoint thread opens the file by URI
+    tmp_path.mkdir()
     s = Store(f"sqlite:///{tmp_path / 'r.db'}")
     with s.begin() as conn:
         conn.execute(text("CREATE TABLE t (x INTEGER)"))
