@@ -183,7 +183,8 @@ class Throughput:
         self.batch = batch
         self.rounds = rounds
         self.rows: list[Row] = []  # every round's
-        self.errors: list[str] = []
+        self.errors: list[str] = []  # retries and server delays: noted, the figures still stand
+        self.invalid: list[str] = []  # what makes a figure meaningless: a failed round, missing or different rows
         self.digests: dict[tuple[str, int], dict[str, set[str]]] = {}  # (backend, n) -> mode -> touch rows digests
 
     # A store seeded with n due enrollments, as a URL ready for one measurement.
@@ -220,7 +221,7 @@ class Throughput:
         try:
             fn()
         except Exception as exc:  # noqa: BLE001
-            self.errors.append(f"{what}: {type(exc).__name__}: {str(exc)[:300]}")
+            self.invalid.append(f"{what}: {type(exc).__name__}: {str(exc)[:300]}")
             print(f"   {what} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
 
     def measure_naive(self, backend: str) -> None:
@@ -330,7 +331,7 @@ class Throughput:
     def _check_summary(self, backend: str, n: int, mode: str, summary: dict[str, Any]) -> None:
         sent = sum(summary["sent"].values())
         if summary["claimed"] != n or sent != n:
-            self.errors.append(f"{backend} {n} {mode}: claimed {summary['claimed']}, sent {sent} of {n} ({summary})")
+            self.invalid.append(f"{backend} {n} {mode}: claimed {summary['claimed']}, sent {sent} of {n} ({summary})")
 
     # ------------------------------------------------------------------------ report
     def section(self) -> Section:
@@ -361,14 +362,22 @@ class Throughput:
             "**CPU s** is the measuring process's CPU time (for the flow, not the Prefect server's): on a shared machine the"
             " wall-clock ratios move with other people's load, the CPU ratios much less.",
         ]
-        for (backend, n), digests in sorted(self.digests.items()):
-            if len(set().union(*digests.values())) > 1:
-                self.errors.append(f"{backend} {n:,}: the touch rows differ between rounds or modes ({', '.join(sorted(digests))})")
+        invalid = self.invalid + [
+            f"{backend} {n:,}: the touch rows differ between rounds or modes ({', '.join(sorted(digests))})"
+            for (backend, n), digests in sorted(self.digests.items())
+            if len(set().union(*digests.values())) > 1
+        ]
         same = [f"{b} {n:,}" for (b, n), d in sorted(self.digests.items()) if len(d) == 3 and len(set().union(*d.values())) == 1]
         if same:
             s.notes.append(f"The floor, Dispatcher.run and the flow left the very same touch rows (a digest of every column but the id and lease, compared): {', '.join(same)}.")
         if self.errors:
-            s.notes.append("**Errors and retries:** " + "; ".join(self.errors))
+            s.notes.append("**Retries and delays:** " + "; ".join(self.errors))
+        # A ratio means something only if every round did the whole job, and the same one.
+        s.checks.append(Check(
+            "every round claimed and sent every enrollment; the floor, Dispatcher.run and the flow wrote the same touch rows",
+            "; ".join(invalid) if invalid else f"{len(self.rows)} timed runs, all complete; {len(self.digests)} sizes compared",
+            not invalid,
+        ))  # fmt: skip
         s.headers = [
             "backend", "enrollments", "mode", "seconds", "touches", "touches/s", "x floor time", "x faster than naive",
             "CPU s", "x floor CPU", "peak RSS MB", "all rounds, s",
