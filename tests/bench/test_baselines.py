@@ -30,8 +30,7 @@ def test_seed_holds_the_due_enrollments_it_was_asked_for_among_the_rest(store: S
 
 def _dispatched(root: Path) -> dict:
     ws = Workspace.load(root)
-    with ws.store.connect():
-        summary = Dispatcher(ws).run(NOW)
+    summary = Dispatcher(ws).run(NOW)
     ws.close()
     return summary.as_dict()
 
